@@ -1,0 +1,41 @@
+# Palisade: the two commands a user runs are `make demo` and `make test`.
+# Both install what they need first (on Debian 12, as root).
+
+CARGO ?= cargo
+PALISADE := target/release/palisade
+STARWARS := examples/starwars
+
+.PHONY: demo test deps build lint unit fixtures bench fuzz clean
+
+deps:
+	@./scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --locked --bin palisade
+
+# The Star Wars demo, step by step: no policy, the L3/L4 policy, the L7 policy.
+demo: build
+	@for step in 1-no-policy 2-l3-l4 3-l7; do \
+		echo; echo "== Star Wars, $$step =="; \
+		$(PALISADE) simulate -f $(STARWARS)/cluster.yaml -f $(STARWARS)/$$step || exit $$?; \
+	done
+	@echo; echo "== What the deathstar's ingress table holds under the L7 policy =="
+	@$(PALISADE) policy get -f $(STARWARS)/cluster.yaml -f $(STARWARS)/3-l7 --endpoint default/deathstar-1
+	@echo; echo "== Why the xwing is dropped =="
+	-@$(PALISADE) policy explain -f $(STARWARS)/cluster.yaml -f $(STARWARS)/3-l7 \
+		--from default/xwing --to default/deathstar-1 --port 80/TCP
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+unit: deps
+	$(CARGO) test --locked --workspace
+
+test: lint unit
+
+bench: deps
+	$(CARGO) bench --locked -p palisade-policy --bench engine
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,1261 @@
+//! The incremental policy engine: cluster state and policies in, per-endpoint tables out.
+//!
+//! Flow of data:
+//! 1. Pods get identities from their labels (plus namespace, namespace labels, service account
+//!    and cluster). CIDR prefixes that policies mention get node-local CIDR identities.
+//! 2. Every selector (subjects and peers) is interned once in the selector cache, which keeps
+//!    the set of identities it matches, indexed by the namespace it is pinned to so a new
+//!    identity is only tested against selectors that can match it.
+//! 3. Tables are computed per (identity, direction, own named ports) and shared by every pod
+//!    with the same key. Each table records the selectors it read; when a selector's match set
+//!    changes, or the rules selecting the table's identity change, only those tables are
+//!    marked dirty and rebuilt by [`Engine::commit`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use palisade_identity::{
+    cidr_labels, keys, pod_labels, reserved, Allocator, Identity, LabelSet, Scope,
+};
+
+use crate::model::{
+    Action, CompiledPolicy, Direction, Peer, PolicyKey, PortMatch, PortSpec, Rule, RuleOrigin,
+    Subject,
+};
+use crate::selector::{Requirement, Selector};
+use crate::table::{Contribution, RuleId, Table, ANY_IDENTITY};
+
+/// Engine settings, named as the Cilium agent names them.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `io.cilium.k8s.policy.cluster` of every pod.
+    pub cluster: String,
+    /// Cilium's `allow-localhost=always` (its default in Kubernetes): the local host may always
+    /// reach its pods (kubelet probes); an explicit deny still wins.
+    pub allow_localhost: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cluster: "default".to_owned(),
+            allow_localhost: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("identity space exhausted")]
+    IdentitiesExhausted,
+}
+
+/// A container port: what named ports resolve against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+}
+
+/// A pod as the engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub node: String,
+    pub host_network: bool,
+    pub ip: IpAddr,
+    pub ports: Vec<NamedPort>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What owns a table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TableKey {
+    /// Pods of one identity; ingress tables also depend on the pods' own named ports.
+    Pod {
+        identity: Identity,
+        direction: Direction,
+        ports: Arc<[NamedPort]>,
+    },
+    /// A node's host endpoint.
+    Node { name: String, direction: Direction },
+}
+
+type SelId = u32;
+
+#[derive(Debug)]
+struct SelEntry {
+    selector: Selector,
+    matches: HashSet<Identity>,
+    refs: u32,
+    pinned_ns: Option<String>,
+}
+
+/// Interned selectors with their match sets.
+#[derive(Debug, Default)]
+struct SelectorCache {
+    entries: Vec<Option<SelEntry>>,
+    free: Vec<SelId>,
+    by_selector: HashMap<Selector, SelId>,
+    by_namespace: HashMap<String, HashSet<SelId>>,
+    unpinned: HashSet<SelId>,
+}
+
+impl SelectorCache {
+    fn get(&self, id: SelId) -> Option<&SelEntry> {
+        self.entries.get(id as usize).and_then(Option::as_ref)
+    }
+
+    /// Interns a selector (taking a reference). Returns its id and whether it is new.
+    fn intern(&mut self, selector: &Selector, identities: &Allocator) -> (SelId, bool) {
+        if let Some(&id) = self.by_selector.get(selector) {
+            if let Some(Some(e)) = self.entries.get_mut(id as usize) {
+                e.refs += 1;
+            }
+            return (id, false);
+        }
+        let pinned_ns = selector.pinned_value(keys::NAMESPACE).map(str::to_owned);
+        let matches: HashSet<Identity> = identities
+            .iter()
+            .filter(|(_, labels)| {
+                pinned_ns
+                    .as_deref()
+                    .is_none_or(|ns| labels.get(keys::NAMESPACE).is_some_and(|l| &*l.value == ns))
+                    && selector.matches(labels)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let entry = SelEntry {
+            selector: selector.clone(),
+            matches,
+            refs: 1,
+            pinned_ns: pinned_ns.clone(),
+        };
+        let id = if let Some(id) = self.free.pop() {
+            if let Some(slot) = self.entries.get_mut(id as usize) {
+                *slot = Some(entry);
+            }
+            id
+        } else {
+            self.entries.push(Some(entry));
+            (self.entries.len() - 1) as SelId
+        };
+        self.by_selector.insert(selector.clone(), id);
+        match pinned_ns {
+            Some(ns) => {
+                self.by_namespace.entry(ns).or_default().insert(id);
+            }
+            None => {
+                self.unpinned.insert(id);
+            }
+        }
+        (id, true)
+    }
+
+    fn release(&mut self, id: SelId) {
+        let Some(Some(e)) = self.entries.get_mut(id as usize) else {
+            return;
+        };
+        e.refs = e.refs.saturating_sub(1);
+        if e.refs > 0 {
+            return;
+        }
+        if let Some(e) = self.entries.get_mut(id as usize).and_then(Option::take) {
+            self.by_selector.remove(&e.selector);
+            match &e.pinned_ns {
+                Some(ns) => {
+                    if let Some(set) = self.by_namespace.get_mut(ns) {
+                        set.remove(&id);
+                        if set.is_empty() {
+                            self.by_namespace.remove(ns);
+                        }
+                    }
+                }
+                None => {
+                    self.unpinned.remove(&id);
+                }
+            }
+        }
+        self.free.push(id);
+    }
+
+    /// Selectors that could match an identity with these labels.
+    fn candidates(&self, labels: &LabelSet) -> Vec<SelId> {
+        let mut out: Vec<SelId> = self.unpinned.iter().copied().collect();
+        if let Some(ns) = labels.get(keys::NAMESPACE) {
+            if let Some(set) = self.by_namespace.get(&*ns.value) {
+                out.extend(set.iter().copied());
+            }
+        }
+        out
+    }
+}
+
+/// A rule as stored: the compiled rule plus its interned selectors.
+#[derive(Debug)]
+pub struct StoredRule {
+    pub rule: Rule,
+    /// A default-deny marker rather than a rule with peers.
+    pub marks_default_deny: bool,
+    subject_sel: Option<SelId>,
+    peer_sels: Vec<Option<SelId>>,
+}
+
+#[derive(Debug)]
+struct StoredPolicy {
+    rules: Vec<RuleId>,
+    prefixes: Vec<IpNet>,
+}
+
+#[derive(Debug)]
+struct TableState {
+    table: Arc<Table>,
+    deps: Vec<SelId>,
+    /// Derived selectors (with fromRequires) this table holds references on.
+    owned: Vec<SelId>,
+    refs: u32,
+}
+
+#[derive(Debug)]
+struct PodState {
+    info: PodInfo,
+    identity: Option<Identity>,
+    keys: Vec<TableKey>,
+}
+
+#[derive(Debug, Default)]
+struct IdentityInfo {
+    /// Named ports of the pods of this identity, counted.
+    named_ports: BTreeMap<NamedPort, u32>,
+    pods: u32,
+}
+
+/// The policy engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    identities: Allocator,
+    identity_info: HashMap<Identity, IdentityInfo>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    nodes: BTreeMap<String, NodeInfo>,
+    pods: BTreeMap<(String, String), PodState>,
+    ip_owner: HashMap<IpAddr, IpOwner>,
+    cidr_ids: BTreeMap<IpNet, (Identity, u32)>,
+    selectors: SelectorCache,
+    /// Subject selectors → rules using them.
+    subject_users: HashMap<SelId, Vec<RuleId>>,
+    /// Identity → rules selecting it.
+    selected_by: HashMap<Identity, BTreeSet<RuleId>>,
+    node_rules: BTreeSet<RuleId>,
+    rules: HashMap<RuleId, StoredRule>,
+    next_rule: RuleId,
+    policies: BTreeMap<Arc<PolicyKey>, StoredPolicy>,
+    tables: HashMap<TableKey, TableState>,
+    dependents: HashMap<SelId, HashSet<TableKey>>,
+    dirty: HashSet<TableKey>,
+    /// Tables that resolve egress named ports, rebuilt when any identity's ports change.
+    named_egress: HashSet<TableKey>,
+    revision: u64,
+}
+
+/// Who owns an address in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpOwner {
+    Pod(String, String),
+    Node(String),
+}
+
+/// The synthetic rule id for `allow-localhost`.
+pub const ALLOW_LOCALHOST_RULE: RuleId = 0;
+
+impl Engine {
+    pub fn new(config: Config) -> Self {
+        Engine {
+            config,
+            identities: Allocator::new(),
+            identity_info: HashMap::new(),
+            namespaces: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            ip_owner: HashMap::new(),
+            cidr_ids: BTreeMap::new(),
+            selectors: SelectorCache::default(),
+            subject_users: HashMap::new(),
+            selected_by: HashMap::new(),
+            node_rules: BTreeSet::new(),
+            rules: HashMap::new(),
+            next_rule: 1,
+            policies: BTreeMap::new(),
+            tables: HashMap::new(),
+            dependents: HashMap::new(),
+            dirty: HashSet::new(),
+            named_egress: HashSet::new(),
+            revision: 0,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Policy revision: bumped by every commit that changed something.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Identities
+    // -----------------------------------------------------------------------------------------
+
+    /// Allocates (or references) the identity of a label set and, if new, adds it to every
+    /// selector that matches it.
+    fn acquire_identity(
+        &mut self,
+        labels: &LabelSet,
+        scope: Scope,
+    ) -> Result<Identity, EngineError> {
+        let (id, new) = self
+            .identities
+            .acquire(labels, scope)
+            .map_err(|_| EngineError::IdentitiesExhausted)?;
+        if new {
+            self.identity_changed(id, labels, true);
+        }
+        Ok(id)
+    }
+
+    fn release_identity(&mut self, id: Identity) {
+        let labels = self.identities.labels(id).cloned();
+        if self.identities.release(id) {
+            if let Some(labels) = labels {
+                self.identity_changed(id, &labels, false);
+            }
+            self.identity_info.remove(&id);
+            self.selected_by.remove(&id);
+        }
+    }
+
+    /// An identity appeared or disappeared: update match sets and mark dependents dirty.
+    fn identity_changed(&mut self, id: Identity, labels: &LabelSet, added: bool) {
+        for sel_id in self.selectors.candidates(labels) {
+            let Some(Some(entry)) = self.selectors.entries.get_mut(sel_id as usize) else {
+                continue;
+            };
+            let changed = if added {
+                entry.selector.matches(labels) && entry.matches.insert(id)
+            } else {
+                entry.matches.remove(&id)
+            };
+            if !changed {
+                continue;
+            }
+            if let Some(tables) = self.dependents.get(&sel_id) {
+                self.dirty.extend(tables.iter().cloned());
+            }
+            if let Some(rules) = self.subject_users.get(&sel_id) {
+                let set = self.selected_by.entry(id).or_default();
+                for r in rules {
+                    if added {
+                        set.insert(*r);
+                    } else {
+                        set.remove(r);
+                    }
+                }
+            }
+        }
+    }
+
+    fn identity_labels_for(&self, info: &PodInfo) -> LabelSet {
+        let empty = BTreeMap::new();
+        let ns_labels = self.namespaces.get(&info.namespace).unwrap_or(&empty);
+        let mut ns_labels = ns_labels.clone();
+        ns_labels
+            .entry("kubernetes.io/metadata.name".to_owned())
+            .or_insert_with(|| info.namespace.clone());
+        pod_labels(
+            &info.labels,
+            &info.namespace,
+            &ns_labels,
+            &info.service_account,
+            &self.config.cluster,
+        )
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Cluster state
+    // -----------------------------------------------------------------------------------------
+
+    /// Adds or relabels a namespace; its pods move to their new identities.
+    pub fn upsert_namespace(
+        &mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), EngineError> {
+        if self.namespaces.get(name) == Some(&labels) {
+            return Ok(());
+        }
+        self.namespaces.insert(name.to_owned(), labels);
+        self.refresh_namespace_pods(name)
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) -> Result<(), EngineError> {
+        if self.namespaces.remove(name).is_some() {
+            self.refresh_namespace_pods(name)?;
+        }
+        Ok(())
+    }
+
+    fn refresh_namespace_pods(&mut self, ns: &str) -> Result<(), EngineError> {
+        let pods: Vec<PodInfo> = self
+            .pods
+            .range((ns.to_owned(), String::new())..)
+            .take_while(|((n, _), _)| n == ns)
+            .map(|(_, p)| p.info.clone())
+            .collect();
+        for p in pods {
+            self.remove_pod(&p.namespace, &p.name);
+            self.upsert_pod(p)?;
+        }
+        Ok(())
+    }
+
+    pub fn upsert_node(&mut self, node: NodeInfo) {
+        if let Some(old) = self.nodes.get(&node.name) {
+            if *old == node {
+                return;
+            }
+            for ip in &old.ips {
+                self.ip_owner.remove(ip);
+            }
+        }
+        for ip in &node.ips {
+            self.ip_owner.insert(*ip, IpOwner::Node(node.name.clone()));
+        }
+        let name = node.name.clone();
+        self.nodes.insert(name.clone(), node);
+        self.ensure_node_tables(&name);
+        for d in Direction::BOTH {
+            self.dirty.insert(TableKey::Node {
+                name: name.clone(),
+                direction: d,
+            });
+        }
+    }
+
+    fn ensure_node_tables(&mut self, name: &str) {
+        for direction in Direction::BOTH {
+            let key = TableKey::Node {
+                name: name.to_owned(),
+                direction,
+            };
+            if !self.tables.contains_key(&key) {
+                self.tables.insert(
+                    key.clone(),
+                    TableState {
+                        table: Arc::new(Table::default()),
+                        deps: Vec::new(),
+                        owned: Vec::new(),
+                        refs: 1,
+                    },
+                );
+                self.dirty.insert(key);
+            }
+        }
+    }
+
+    /// Adds a pod, or replaces it (relabel, new ports, new address).
+    pub fn upsert_pod(&mut self, info: PodInfo) -> Result<(), EngineError> {
+        let key = (info.namespace.clone(), info.name.clone());
+        if let Some(old) = self.pods.get(&key) {
+            if old.info == info {
+                return Ok(());
+            }
+            self.remove_pod(&info.namespace, &info.name);
+        }
+        self.ip_owner.insert(
+            info.ip,
+            IpOwner::Pod(info.namespace.clone(), info.name.clone()),
+        );
+        if info.host_network {
+            // A host-network pod is its node's host endpoint.
+            self.pods.insert(
+                key,
+                PodState {
+                    info,
+                    identity: None,
+                    keys: Vec::new(),
+                },
+            );
+            return Ok(());
+        }
+        let labels = self.identity_labels_for(&info);
+        let id = self.acquire_identity(&labels, Scope::Cluster)?;
+        let ports_changed = {
+            let ii = self.identity_info.entry(id).or_default();
+            ii.pods += 1;
+            let mut changed = false;
+            for p in &info.ports {
+                let c = ii.named_ports.entry(p.clone()).or_insert(0);
+                changed |= *c == 0;
+                *c += 1;
+            }
+            changed
+        };
+        if ports_changed {
+            self.dirty.extend(self.named_egress.iter().cloned());
+        }
+        let mut own_ports: Vec<NamedPort> = info.ports.clone();
+        own_ports.sort();
+        own_ports.dedup();
+        let keys = vec![
+            TableKey::Pod {
+                identity: id,
+                direction: Direction::Ingress,
+                ports: Arc::from(own_ports),
+            },
+            TableKey::Pod {
+                identity: id,
+                direction: Direction::Egress,
+                ports: Arc::from(Vec::new()),
+            },
+        ];
+        for k in &keys {
+            self.reference_table(k);
+        }
+        self.pods.insert(
+            key,
+            PodState {
+                info,
+                identity: Some(id),
+                keys,
+            },
+        );
+        Ok(())
+    }
+
+    fn reference_table(&mut self, key: &TableKey) {
+        if let Some(t) = self.tables.get_mut(key) {
+            t.refs += 1;
+        } else {
+            self.tables.insert(
+                key.clone(),
+                TableState {
+                    table: Arc::new(Table::default()),
+                    deps: Vec::new(),
+                    owned: Vec::new(),
+                    refs: 1,
+                },
+            );
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    fn unreference_table(&mut self, key: &TableKey) {
+        let drop = match self.tables.get_mut(key) {
+            Some(t) => {
+                t.refs = t.refs.saturating_sub(1);
+                t.refs == 0
+            }
+            None => false,
+        };
+        if drop {
+            if let Some(t) = self.tables.remove(key) {
+                self.forget_deps(key, &t);
+            }
+            self.dirty.remove(key);
+            self.named_egress.remove(key);
+        }
+    }
+
+    fn forget_deps(&mut self, key: &TableKey, t: &TableState) {
+        for s in &t.deps {
+            if let Some(set) = self.dependents.get_mut(s) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.dependents.remove(s);
+                }
+            }
+        }
+        for s in &t.owned {
+            self.selectors.release(*s);
+        }
+    }
+
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) {
+        let Some(state) = self.pods.remove(&(namespace.to_owned(), name.to_owned())) else {
+            return;
+        };
+        if self.ip_owner.get(&state.info.ip)
+            == Some(&IpOwner::Pod(namespace.to_owned(), name.to_owned()))
+        {
+            self.ip_owner.remove(&state.info.ip);
+        }
+        for k in &state.keys {
+            self.unreference_table(k);
+        }
+        if let Some(id) = state.identity {
+            let mut ports_changed = false;
+            if let Some(ii) = self.identity_info.get_mut(&id) {
+                ii.pods = ii.pods.saturating_sub(1);
+                for p in &state.info.ports {
+                    if let Some(c) = ii.named_ports.get_mut(p) {
+                        *c -= 1;
+                        if *c == 0 {
+                            ii.named_ports.remove(p);
+                            ports_changed = true;
+                        }
+                    }
+                }
+            }
+            if ports_changed {
+                self.dirty.extend(self.named_egress.iter().cloned());
+            }
+            self.release_identity(id);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Policies
+    // -----------------------------------------------------------------------------------------
+
+    /// Adds a policy, or replaces the one with the same key.
+    pub fn upsert_policy(&mut self, policy: CompiledPolicy) -> Result<(), EngineError> {
+        let key = policy.key.clone();
+        // Allocate the new CIDR identities before dropping the old ones, so prefixes present in
+        // both keep their numbers.
+        for p in &policy.prefixes {
+            self.acquire_cidr(*p)?;
+        }
+        self.remove_policy(&key);
+        let mut ids = Vec::new();
+        let markers = policy.default_deny.into_iter().map(|d| Rule {
+            origin: d.origin,
+            subject: d.subject,
+            direction: d.direction,
+            action: Action::Deny,
+            peers: Vec::new(),
+            ports: Vec::new(),
+            requires: Vec::new(),
+        });
+        let all: Vec<(Rule, bool)> = policy
+            .rules
+            .into_iter()
+            .map(|r| (r, false))
+            .chain(markers.map(|m| (m, true)))
+            .collect();
+        for (rule, marker) in all {
+            ids.push(self.add_rule(rule, marker));
+        }
+        self.policies.insert(
+            key,
+            StoredPolicy {
+                rules: ids,
+                prefixes: policy.prefixes,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn remove_policy(&mut self, key: &PolicyKey) -> bool {
+        let Some(stored) = self.policies.remove(key) else {
+            return false;
+        };
+        for id in stored.rules {
+            self.remove_rule(id);
+        }
+        for p in stored.prefixes {
+            self.release_cidr(p);
+        }
+        true
+    }
+
+    fn acquire_cidr(&mut self, prefix: IpNet) -> Result<(), EngineError> {
+        let prefix = prefix.trunc();
+        if let Some((_, refs)) = self.cidr_ids.get_mut(&prefix) {
+            *refs += 1;
+            return Ok(());
+        }
+        let id = self.acquire_identity(&cidr_labels(prefix), Scope::Local)?;
+        self.cidr_ids.insert(prefix, (id, 1));
+        Ok(())
+    }
+
+    fn release_cidr(&mut self, prefix: IpNet) {
+        let prefix = prefix.trunc();
+        let release = match self.cidr_ids.get_mut(&prefix) {
+            Some((id, refs)) => {
+                *refs -= 1;
+                (*refs == 0).then_some(*id)
+            }
+            None => None,
+        };
+        if let Some(id) = release {
+            self.cidr_ids.remove(&prefix);
+            self.release_identity(id);
+        }
+    }
+
+    fn add_rule(&mut self, rule: Rule, marker: bool) -> RuleId {
+        let id = self.next_rule;
+        self.next_rule += 1;
+        let subject_sel = match &rule.subject {
+            Subject::Endpoints(sel) => {
+                let (sid, _) = self.selectors.intern(sel, &self.identities);
+                self.subject_users.entry(sid).or_default().push(id);
+                let matches: Vec<Identity> = self
+                    .selectors
+                    .get(sid)
+                    .map(|e| e.matches.iter().copied().collect())
+                    .unwrap_or_default();
+                for ident in matches {
+                    self.selected_by.entry(ident).or_default().insert(id);
+                    self.mark_identity_tables(ident, rule.direction);
+                }
+                Some(sid)
+            }
+            Subject::Nodes(_) => {
+                self.node_rules.insert(id);
+                self.mark_node_tables(rule.direction);
+                None
+            }
+        };
+        let mut peer_sels = Vec::with_capacity(rule.peers.len());
+        for p in &rule.peers {
+            peer_sels.push(match p {
+                Peer::Select { selector, .. } => {
+                    Some(self.selectors.intern(selector, &self.identities).0)
+                }
+                _ => None,
+            });
+        }
+        self.rules.insert(
+            id,
+            StoredRule {
+                rule,
+                marks_default_deny: marker,
+                subject_sel,
+                peer_sels,
+            },
+        );
+        id
+    }
+
+    fn remove_rule(&mut self, id: RuleId) {
+        let Some(stored) = self.rules.remove(&id) else {
+            return;
+        };
+        if let Some(sid) = stored.subject_sel {
+            let matches: Vec<Identity> = self
+                .selectors
+                .get(sid)
+                .map(|e| e.matches.iter().copied().collect())
+                .unwrap_or_default();
+            for ident in matches {
+                if let Some(set) = self.selected_by.get_mut(&ident) {
+                    set.remove(&id);
+                }
+                self.mark_identity_tables(ident, stored.rule.direction);
+            }
+            if let Some(users) = self.subject_users.get_mut(&sid) {
+                users.retain(|r| *r != id);
+                if users.is_empty() {
+                    self.subject_users.remove(&sid);
+                }
+            }
+            self.selectors.release(sid);
+        } else {
+            self.node_rules.remove(&id);
+            self.mark_node_tables(stored.rule.direction);
+        }
+        for s in stored.peer_sels.into_iter().flatten() {
+            self.selectors.release(s);
+        }
+    }
+
+    fn mark_identity_tables(&mut self, identity: Identity, direction: Direction) {
+        // Tables keyed by this identity in this direction (any own-ports variant).
+        for k in self.tables.keys() {
+            if let TableKey::Pod {
+                identity: i,
+                direction: d,
+                ..
+            } = k
+            {
+                if *i == identity && *d == direction {
+                    self.dirty.insert(k.clone());
+                }
+            }
+        }
+    }
+
+    fn mark_node_tables(&mut self, direction: Direction) {
+        for name in self.nodes.keys() {
+            self.dirty.insert(TableKey::Node {
+                name: name.clone(),
+                direction,
+            });
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Resolution
+    // -----------------------------------------------------------------------------------------
+
+    /// Rebuilds every table whose inputs changed. Returns the keys of the tables rebuilt.
+    pub fn commit(&mut self) -> Vec<TableKey> {
+        let dirty: Vec<TableKey> = self
+            .dirty
+            .drain()
+            .filter(|k| self.tables.contains_key(k))
+            .collect();
+        for key in &dirty {
+            self.rebuild(key);
+        }
+        if !dirty.is_empty() {
+            self.revision += 1;
+        }
+        dirty
+    }
+
+    fn rules_for(&self, key: &TableKey) -> Vec<RuleId> {
+        match key {
+            TableKey::Pod {
+                identity,
+                direction,
+                ..
+            } => self
+                .selected_by
+                .get(identity)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|r| {
+                    self.rules
+                        .get(r)
+                        .is_some_and(|s| s.rule.direction == *direction)
+                })
+                .collect(),
+            TableKey::Node { name, direction } => {
+                let Some(node) = self.nodes.get(name) else {
+                    return Vec::new();
+                };
+                let labels = node_labels(node);
+                self.node_rules
+                    .iter()
+                    .copied()
+                    .filter(|r| {
+                        self.rules.get(r).is_some_and(|s| {
+                            s.rule.direction == *direction
+                                && matches!(&s.rule.subject, Subject::Nodes(sel) if sel.matches(&labels))
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn rebuild(&mut self, key: &TableKey) {
+        let rule_ids = self.rules_for(key);
+        let direction = match key {
+            TableKey::Pod { direction, .. } | TableKey::Node { direction, .. } => *direction,
+        };
+        let mut table = Table::default();
+        let mut deps: Vec<SelId> = Vec::new();
+        let mut owned: Vec<SelId> = Vec::new();
+        let mut uses_named_egress = false;
+        // fromRequires / toRequires of every selecting rule, per action.
+        let mut requires: HashMap<Action, Vec<Requirement>> = HashMap::new();
+        for id in &rule_ids {
+            if let Some(s) = self.rules.get(id) {
+                requires
+                    .entry(s.rule.action)
+                    .or_default()
+                    .extend(s.rule.requires.iter().cloned());
+            }
+        }
+        for id in &rule_ids {
+            let Some(stored) = self.rules.get(id) else {
+                continue;
+            };
+            if stored.marks_default_deny {
+                table.enforcing = true;
+                table.default_deny_by.push(*id);
+                continue;
+            }
+            let rule = &stored.rule;
+            let reqs = requires.get(&rule.action).map_or(&[][..], Vec::as_slice);
+            for (pi, peer) in rule.peers.iter().enumerate() {
+                let identities: Vec<Identity> = match peer {
+                    Peer::Any => vec![ANY_IDENTITY],
+                    Peer::Fqdn(pattern) => {
+                        for spec in &rule.ports {
+                            for (proto, lo, hi) in self.resolve_ports(spec, key, None) {
+                                table.add_fqdn(
+                                    pattern,
+                                    proto,
+                                    lo,
+                                    hi,
+                                    contribution(*id, rule, spec),
+                                );
+                            }
+                        }
+                        continue;
+                    }
+                    Peer::Select {
+                        selector,
+                        endpoints,
+                    } => {
+                        let sid = if *endpoints && !reqs.is_empty() {
+                            let (sid, _) =
+                                self.selectors.intern(&selector.and(reqs), &self.identities);
+                            owned.push(sid);
+                            sid
+                        } else {
+                            match stored.peer_sels.get(pi).copied().flatten() {
+                                Some(s) => s,
+                                None => continue,
+                            }
+                        };
+                        deps.push(sid);
+                        let Some(entry) = self.selectors.get(sid) else {
+                            continue;
+                        };
+                        if entry.selector.is_wildcard() {
+                            vec![ANY_IDENTITY]
+                        } else {
+                            entry.matches.iter().copied().collect()
+                        }
+                    }
+                };
+                for spec in &rule.ports {
+                    let named = matches!(spec.ports, PortMatch::Named(_));
+                    if named && direction == Direction::Egress {
+                        uses_named_egress = true;
+                    }
+                    if named && direction == Direction::Egress {
+                        for &peer_id in &identities {
+                            for (proto, lo, hi) in self.resolve_ports(spec, key, Some(peer_id)) {
+                                table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
+                            }
+                        }
+                    } else {
+                        let ranges = self.resolve_ports(spec, key, None);
+                        for &peer_id in &identities {
+                            for &(proto, lo, hi) in &ranges {
+                                table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if self.config.allow_localhost
+            && table.enforcing
+            && matches!(
+                key,
+                TableKey::Pod {
+                    direction: Direction::Ingress,
+                    ..
+                }
+            )
+        {
+            table.add(
+                reserved::HOST,
+                0,
+                0,
+                u16::MAX,
+                Contribution {
+                    rule: ALLOW_LOCALHOST_RULE,
+                    action: Action::Allow,
+                    l7: None,
+                },
+            );
+        }
+        deps.sort_unstable();
+        deps.dedup();
+        if uses_named_egress {
+            self.named_egress.insert(key.clone());
+        } else {
+            self.named_egress.remove(key);
+        }
+        // Swap in the new table and its dependencies; release the old ones.
+        let old = self.tables.get_mut(key).map(|t| {
+            let old_deps = std::mem::take(&mut t.deps);
+            let old_owned = std::mem::take(&mut t.owned);
+            t.table = Arc::new(table);
+            t.deps.clone_from(&deps);
+            t.owned = owned;
+            (old_deps, old_owned)
+        });
+        let Some((old_deps, old_owned)) = old else {
+            // The table went away meanwhile: drop the references taken above.
+            return;
+        };
+        for s in old_deps {
+            if let Some(set) = self.dependents.get_mut(&s) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.dependents.remove(&s);
+                }
+            }
+        }
+        for s in old_owned {
+            self.selectors.release(s);
+        }
+        for s in deps {
+            self.dependents.entry(s).or_default().insert(key.clone());
+        }
+    }
+
+    /// Port ranges of a port spec for one table. Named ports resolve on ingress against the
+    /// endpoint's own container ports, on egress against the pods of the peer identity (all
+    /// pods for the wildcard peer); a name that resolves to more than one number resolves to
+    /// nothing, as in Cilium.
+    fn resolve_ports(
+        &self,
+        spec: &PortSpec,
+        key: &TableKey,
+        peer: Option<Identity>,
+    ) -> Vec<(u8, u16, u16)> {
+        match &spec.ports {
+            PortMatch::Range(lo, hi) => vec![(spec.proto, *lo, *hi)],
+            PortMatch::Named(name) => {
+                let mut numbers: BTreeSet<u16> = BTreeSet::new();
+                match (key, peer) {
+                    (
+                        TableKey::Pod {
+                            direction: Direction::Ingress,
+                            ports,
+                            ..
+                        },
+                        _,
+                    ) => {
+                        numbers.extend(
+                            ports
+                                .iter()
+                                .filter(|p| p.name == *name && p.proto == spec.proto)
+                                .map(|p| p.port),
+                        );
+                    }
+                    (
+                        TableKey::Node { .. }
+                        | TableKey::Pod {
+                            direction: Direction::Egress,
+                            ..
+                        },
+                        None,
+                    ) => {}
+                    (_, Some(ANY_IDENTITY)) => {
+                        for info in self.identity_info.values() {
+                            numbers.extend(
+                                info.named_ports
+                                    .keys()
+                                    .filter(|p| p.name == *name && p.proto == spec.proto)
+                                    .map(|p| p.port),
+                            );
+                        }
+                    }
+                    (_, Some(id)) => {
+                        if let Some(info) = self.identity_info.get(&id) {
+                            numbers.extend(
+                                info.named_ports
+                                    .keys()
+                                    .filter(|p| p.name == *name && p.proto == spec.proto)
+                                    .map(|p| p.port),
+                            );
+                        }
+                    }
+                }
+                if numbers.len() == 1 {
+                    numbers.into_iter().map(|n| (spec.proto, n, n)).collect()
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Queries
+    // -----------------------------------------------------------------------------------------
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .map(|p| &p.info)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.values().map(|p| &p.info)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    pub fn namespace_labels(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(name)
+    }
+
+    pub fn pod_identity(&self, namespace: &str, name: &str) -> Option<Identity> {
+        self.pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|p| p.identity)
+    }
+
+    pub fn identity_labels(&self, id: Identity) -> Option<&Arc<LabelSet>> {
+        self.identities.labels(id)
+    }
+
+    pub fn identities(&self) -> impl Iterator<Item = (Identity, &Arc<LabelSet>)> {
+        self.identities.iter()
+    }
+
+    pub fn rule(&self, id: RuleId) -> Option<&StoredRule> {
+        self.rules.get(&id)
+    }
+
+    /// Where a rule came from; `None` for the synthetic allow-localhost rule.
+    pub fn rule_origin(&self, id: RuleId) -> Option<&RuleOrigin> {
+        self.rules.get(&id).map(|s| &s.rule.origin)
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<PolicyKey>> {
+        self.policies.keys()
+    }
+
+    pub fn ip_owner(&self, ip: IpAddr) -> Option<&IpOwner> {
+        self.ip_owner.get(&ip)
+    }
+
+    /// The identity an address has as seen from a datapath on `observer_node`: a pod's
+    /// identity, the local host, a remote node, or the longest CIDR prefix a policy names
+    /// (else the world of its address family).
+    pub fn identity_of_ip(&self, ip: IpAddr, observer_node: &str) -> Identity {
+        match self.ip_owner.get(&ip) {
+            Some(IpOwner::Pod(ns, name)) => {
+                if let Some(p) = self.pods.get(&(ns.clone(), name.clone())) {
+                    if let Some(id) = p.identity {
+                        return id;
+                    }
+                    return if p.info.node == observer_node {
+                        reserved::HOST
+                    } else {
+                        reserved::REMOTE_NODE
+                    };
+                }
+            }
+            Some(IpOwner::Node(n)) => {
+                return if n == observer_node {
+                    reserved::HOST
+                } else {
+                    reserved::REMOTE_NODE
+                };
+            }
+            None => {}
+        }
+        self.world_identity(ip)
+    }
+
+    /// The identity of an address outside the cluster.
+    pub fn world_identity(&self, ip: IpAddr) -> Identity {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        for len in (0..=max).rev() {
+            if let Ok(net) = IpNet::new(ip, len) {
+                if let Some((id, _)) = self.cidr_ids.get(&net.trunc()) {
+                    return *id;
+                }
+            }
+        }
+        if ip.is_ipv4() {
+            reserved::WORLD_IPV4
+        } else {
+            reserved::WORLD_IPV6
+        }
+    }
+
+    /// The table of a pod in one direction (`None` for host-network pods: see the node's).
+    pub fn pod_table(
+        &self,
+        namespace: &str,
+        name: &str,
+        direction: Direction,
+    ) -> Option<Arc<Table>> {
+        let p = self.pods.get(&(namespace.to_owned(), name.to_owned()))?;
+        let key = p
+            .keys
+            .iter()
+            .find(|k| matches!(k, TableKey::Pod { direction: d, .. } if *d == direction))?;
+        self.tables.get(key).map(|t| t.table.clone())
+    }
+
+    pub fn node_table(&self, name: &str, direction: Direction) -> Option<Arc<Table>> {
+        self.tables
+            .get(&TableKey::Node {
+                name: name.to_owned(),
+                direction,
+            })
+            .map(|t| t.table.clone())
+    }
+
+    /// Number of distinct tables and their total entries.
+    pub fn table_stats(&self) -> (usize, usize) {
+        (
+            self.tables.len(),
+            self.tables.values().map(|t| t.table.len()).sum(),
+        )
+    }
+
+    /// Pending changes not yet committed.
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// The labels of a node as its host endpoint carries them (`reserved:host` plus the node's
+    /// labels), for node selectors.
+    pub fn node_labels(&self, name: &str) -> Option<LabelSet> {
+        self.nodes.get(name).map(node_labels)
+    }
+}
+
+fn contribution(rule: RuleId, r: &Rule, spec: &PortSpec) -> Contribution {
+    Contribution {
+        rule,
+        action: r.action,
+        l7: if r.action == Action::Allow {
+            spec.l7.clone()
+        } else {
+            None
+        },
+    }
+}
+
+fn node_labels(node: &NodeInfo) -> LabelSet {
+    let mut labels: Vec<palisade_identity::Label> = node
+        .labels
+        .iter()
+        .map(|(k, v)| palisade_identity::Label::new(palisade_identity::Source::K8s, k, v))
+        .collect();
+    labels.push(palisade_identity::Label::new(
+        palisade_identity::Source::Reserved,
+        "host",
+        "",
+    ));
+    LabelSet::new(labels)
+}
