@@ -119,7 +119,12 @@ impl SelectorCache {
     }
 
     /// Interns a selector (taking a reference). Returns its id and whether it is new.
-    fn intern(&mut self, selector: &Selector, identities: &Allocator) -> (SelId, bool) {
+    fn intern(
+        &mut self,
+        selector: &Selector,
+        identities: &Allocator,
+        by_namespace: &HashMap<String, HashSet<Identity>>,
+    ) -> (SelId, bool) {
         if let Some(&id) = self.by_selector.get(selector) {
             if let Some(Some(e)) = self.entries.get_mut(id as usize) {
                 e.refs += 1;
@@ -127,16 +132,21 @@ impl SelectorCache {
             return (id, false);
         }
         let pinned_ns = selector.pinned_value(keys::NAMESPACE).map(str::to_owned);
-        let matches: HashSet<Identity> = identities
-            .iter()
-            .filter(|(_, labels)| {
-                pinned_ns
-                    .as_deref()
-                    .is_none_or(|ns| labels.get(keys::NAMESPACE).is_some_and(|l| &*l.value == ns))
-                    && selector.matches(labels)
-            })
-            .map(|(id, _)| id)
-            .collect();
+        // A selector pinned to one namespace can only match that namespace's identities.
+        let matches: HashSet<Identity> = match &pinned_ns {
+            Some(ns) => by_namespace
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|id| identities.labels(*id).is_some_and(|l| selector.matches(l)))
+                .collect(),
+            None => identities
+                .iter()
+                .filter(|(_, labels)| selector.matches(labels))
+                .map(|(id, _)| id)
+                .collect(),
+        };
         let entry = SelEntry {
             selector: selector.clone(),
             matches,
@@ -267,6 +277,10 @@ pub struct Engine {
     dirty: HashSet<TableKey>,
     /// Tables that resolve egress named ports, rebuilt when any identity's ports change.
     named_egress: HashSet<TableKey>,
+    /// Identities by the namespace label they carry (pods only).
+    identities_by_namespace: HashMap<String, HashSet<Identity>>,
+    /// Pod tables by (identity, direction).
+    tables_by_identity: HashMap<(Identity, Direction), HashSet<TableKey>>,
     revision: u64,
 }
 
@@ -302,6 +316,8 @@ impl Engine {
             dependents: HashMap::new(),
             dirty: HashSet::new(),
             named_egress: HashSet::new(),
+            identities_by_namespace: HashMap::new(),
+            tables_by_identity: HashMap::new(),
             revision: 0,
         }
     }
@@ -349,6 +365,16 @@ impl Engine {
 
     /// An identity appeared or disappeared: update match sets and mark dependents dirty.
     fn identity_changed(&mut self, id: Identity, labels: &LabelSet, added: bool) {
+        if let Some(ns) = labels.get(keys::NAMESPACE) {
+            if added {
+                self.identities_by_namespace.entry(ns.value.to_string()).or_default().insert(id);
+            } else if let Some(set) = self.identities_by_namespace.get_mut(&*ns.value) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.identities_by_namespace.remove(&*ns.value);
+                }
+            }
+        }
         for sel_id in self.selectors.candidates(labels) {
             let Some(Some(entry)) = self.selectors.entries.get_mut(sel_id as usize) else {
                 continue;
@@ -549,6 +575,9 @@ impl Engine {
         if let Some(t) = self.tables.get_mut(key) {
             t.refs += 1;
         } else {
+            if let TableKey::Pod { identity, direction, .. } = key {
+                self.tables_by_identity.entry((*identity, *direction)).or_default().insert(key.clone());
+            }
             self.tables.insert(
                 key.clone(),
                 TableState {
@@ -571,6 +600,14 @@ impl Engine {
             None => false,
         };
         if drop {
+            if let TableKey::Pod { identity, direction, .. } = key {
+                if let Some(set) = self.tables_by_identity.get_mut(&(*identity, *direction)) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.tables_by_identity.remove(&(*identity, *direction));
+                    }
+                }
+            }
             if let Some(t) = self.tables.remove(key) {
                 self.forget_deps(key, &t);
             }
@@ -712,7 +749,7 @@ impl Engine {
         self.next_rule += 1;
         let subject_sel = match &rule.subject {
             Subject::Endpoints(sel) => {
-                let (sid, _) = self.selectors.intern(sel, &self.identities);
+                let (sid, _) = self.selectors.intern(sel, &self.identities, &self.identities_by_namespace);
                 self.subject_users.entry(sid).or_default().push(id);
                 let matches: Vec<Identity> = self
                     .selectors
@@ -735,7 +772,7 @@ impl Engine {
         for p in &rule.peers {
             peer_sels.push(match p {
                 Peer::Select { selector, .. } => {
-                    Some(self.selectors.intern(selector, &self.identities).0)
+                    Some(self.selectors.intern(selector, &self.identities, &self.identities_by_namespace).0)
                 }
                 _ => None,
             });
@@ -785,18 +822,8 @@ impl Engine {
     }
 
     fn mark_identity_tables(&mut self, identity: Identity, direction: Direction) {
-        // Tables keyed by this identity in this direction (any own-ports variant).
-        for k in self.tables.keys() {
-            if let TableKey::Pod {
-                identity: i,
-                direction: d,
-                ..
-            } = k
-            {
-                if *i == identity && *d == direction {
-                    self.dirty.insert(k.clone());
-                }
-            }
+        if let Some(keys) = self.tables_by_identity.get(&(identity, direction)) {
+            self.dirty.extend(keys.iter().cloned());
         }
     }
 
@@ -919,7 +946,7 @@ impl Engine {
                     } => {
                         let sid = if *endpoints && !reqs.is_empty() {
                             let (sid, _) =
-                                self.selectors.intern(&selector.and(reqs), &self.identities);
+                                self.selectors.intern(&selector.and(reqs), &self.identities, &self.identities_by_namespace);
                             owned.push(sid);
                             sid
                         } else {

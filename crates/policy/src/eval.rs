@@ -277,7 +277,15 @@ pub fn identity_name(engine: &Engine, id: Identity) -> String {
                 .map_or_else(String::new, |x| x.to_string());
             format!("{id} (cidr:{cidr})")
         }
-        Some(_) => id.to_string(),
+        Some(l) => {
+            let ns = l.get(palisade_identity::keys::NAMESPACE).map_or("", |x| &*x.value);
+            let own: Vec<String> = l
+                .iter()
+                .filter(|x| !x.key.starts_with("io.kubernetes.") && !x.key.starts_with("io.cilium.k8s."))
+                .map(|x| format!("{}={}", x.key, x.value))
+                .collect();
+            format!("{id} ({ns}: {})", own.join(","))
+        }
         None => id.to_string(),
     }
 }
