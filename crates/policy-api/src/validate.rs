@@ -595,8 +595,30 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
             check_selector(issues, &format!("{path}.nodeSelector"), sel, true);
         }
     }
+    if rule.node_selector.is_some() {
+        let l7 = rule.ingress.iter().flatten().flat_map(|r| r.to_ports.iter().flatten()).any(|p| p.rules.is_some())
+            || rule.egress.iter().flatten().flat_map(|r| r.to_ports.iter().flatten()).any(|p| p.rules.is_some());
+        if l7 {
+            issues.error(
+                format!("{path}.nodeSelector"),
+                "L7 rules are not supported in host policies (nodeSelector)",
+            );
+        }
+    }
     for (i, r) in rule.ingress.iter().flatten().enumerate() {
         let p = format!("{path}.ingress[{i}]");
+        exclusive_l3(
+            issues,
+            &p,
+            &[
+                ("fromEndpoints", len(r.from_endpoints.as_ref())),
+                ("fromCIDR", len(r.from_cidr.as_ref())),
+                ("fromCIDRSet", len(r.from_cidr_set.as_ref())),
+                ("fromEntities", len(r.from_entities.as_ref())),
+                ("fromNodes", len(r.from_nodes.as_ref())),
+                ("fromGroups", len(r.from_groups.as_ref())),
+            ],
+        );
         peers(
             issues,
             &p,
@@ -618,6 +640,18 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
     }
     for (i, r) in rule.ingress_deny.iter().flatten().enumerate() {
         let p = format!("{path}.ingressDeny[{i}]");
+        exclusive_l3(
+            issues,
+            &p,
+            &[
+                ("fromEndpoints", len(r.from_endpoints.as_ref())),
+                ("fromCIDR", len(r.from_cidr.as_ref())),
+                ("fromCIDRSet", len(r.from_cidr_set.as_ref())),
+                ("fromEntities", len(r.from_entities.as_ref())),
+                ("fromNodes", len(r.from_nodes.as_ref())),
+                ("fromGroups", len(r.from_groups.as_ref())),
+            ],
+        );
         peers(
             issues,
             &p,
@@ -639,6 +673,20 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
     }
     for (i, r) in rule.egress.iter().flatten().enumerate() {
         let p = format!("{path}.egress[{i}]");
+        exclusive_l3(
+            issues,
+            &p,
+            &[
+                ("toEndpoints", len(r.to_endpoints.as_ref())),
+                ("toCIDR", len(r.to_cidr.as_ref())),
+                ("toCIDRSet", len(r.to_cidr_set.as_ref())),
+                ("toEntities", len(r.to_entities.as_ref())),
+                ("toServices", len(r.to_services.as_ref())),
+                ("toFQDNs", len(r.to_fqdns.as_ref())),
+                ("toGroups", len(r.to_groups.as_ref())),
+                ("toNodes", len(r.to_nodes.as_ref())),
+            ],
+        );
         peers(
             issues,
             &p,
@@ -650,19 +698,6 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
             ("toNodes", r.to_nodes.as_deref()),
         );
         if let Some(fqdns) = &r.to_fqdns {
-            let l3 = r.to_endpoints.is_some()
-                || r.to_cidr.is_some()
-                || r.to_cidr_set.is_some()
-                || r.to_entities.is_some()
-                || r.to_services.is_some()
-                || r.to_groups.is_some()
-                || r.to_nodes.is_some();
-            if l3 {
-                issues.error(
-                    format!("{p}.toFQDNs"),
-                    "combining toFQDNs with other L3 selectors (toEndpoints, toCIDR, toEntities, …) in one rule is not supported",
-                );
-            }
             for (j, f) in fqdns.iter().enumerate() {
                 fqdn_selector(issues, &format!("{p}.toFQDNs[{j}]"), f);
             }
@@ -678,6 +713,19 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
     }
     for (i, r) in rule.egress_deny.iter().flatten().enumerate() {
         let p = format!("{path}.egressDeny[{i}]");
+        exclusive_l3(
+            issues,
+            &p,
+            &[
+                ("toEndpoints", len(r.to_endpoints.as_ref())),
+                ("toCIDR", len(r.to_cidr.as_ref())),
+                ("toCIDRSet", len(r.to_cidr_set.as_ref())),
+                ("toEntities", len(r.to_entities.as_ref())),
+                ("toServices", len(r.to_services.as_ref())),
+                ("toGroups", len(r.to_groups.as_ref())),
+                ("toNodes", len(r.to_nodes.as_ref())),
+            ],
+        );
         peers(
             issues,
             &p,
@@ -697,6 +745,23 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
         to_ports(issues, &p, &ports, false);
         icmps(issues, &p, r.icmps.as_deref(), !ports.is_empty());
     }
+}
+
+/// Cilium rejects rules that combine two kinds of L3 peer ("Combining fromEndpoints and
+/// fromCIDR is not supported yet").
+fn exclusive_l3(issues: &mut Issues, path: &str, members: &[(&str, usize)]) {
+    let present: Vec<&str> = members.iter().filter(|(_, n)| *n > 0).map(|(m, _)| *m).collect();
+    if present.len() > 1 {
+        issues.error_hint(
+            format!("{path}.{}", present[1]),
+            format!("combining {} and {} in one rule is not supported", present[0], present[1]),
+            "write them as two rules in the same section: rules are ORed",
+        );
+    }
+}
+
+fn len<T>(v: Option<&Vec<T>>) -> usize {
+    v.map_or(0, Vec::len)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -773,6 +838,7 @@ fn to_ports(
             );
         }
         let mut protos = Vec::new();
+        let mut wildcard_port = false;
         for (j, port) in ports.iter().enumerate() {
             let pp = format!("{p}.ports[{j}]");
             let proto = match port.protocol.as_deref() {
@@ -808,23 +874,36 @@ fn to_ports(
                     issues.error(format!("{pp}.endPort"), format!("invalid endPort {end}"));
                 }
                 match parsed {
-                    Some(PortRef::Number(0)) if end != 0 => {
-                        issues.error(format!("{pp}.endPort"), "endPort requires a non-zero port");
-                    }
-                    Some(PortRef::Number(start)) if end != 0 && end < i64::from(start) => issues
-                        .error(
+                    // Cilium takes endPort < port as the single port; almost always a typo.
+                    Some(PortRef::Number(start)) if start != 0 && end != 0 && end < i64::from(start) => {
+                        issues.warning(
                             format!("{pp}.endPort"),
-                            format!("endPort {end} must be greater than or equal to port {start}"),
-                        ),
-                    Some(PortRef::Name(_)) => issues.error(
+                            format!("endPort {end} is below port {start}: only port {start} is covered"),
+                            "endPort is the last port of the range",
+                        );
+                    }
+                    Some(PortRef::Name(_)) => issues.warning(
                         format!("{pp}.endPort"),
-                        "endPort may not be used with a named port",
+                        "endPort is ignored with a named port",
+                        "use numeric ports for a range",
                     ),
                     _ => {}
                 }
             }
+            if matches!(parsed, Some(PortRef::Number(0))) {
+                wildcard_port = true;
+            }
+        }
+        if ports.is_empty() {
+            wildcard_port = true;
         }
         if let Some(rules) = rules {
+            if wildcard_port && (rules.http.is_some() || rules.kafka.is_some() || rules.dns.is_some()) {
+                issues.error(
+                    format!("{p}.rules"),
+                    "L7 rules can not be used when a port is 0 (every port): name the port",
+                );
+            }
             l7_rules(issues, &format!("{p}.rules"), rules, &protos, ingress);
         }
     }
@@ -841,14 +920,13 @@ fn l7_rules(issues: &mut Issues, path: &str, rules: &L7Rules, protos: &[L4Proto]
             "only one of http, kafka, dns and l7 rules may be set per port rule",
         );
     }
-    if (rules.http.is_some() || rules.kafka.is_some())
-        && protos
-            .iter()
-            .any(|p| matches!(p, L4Proto::Udp | L4Proto::Sctp))
+    if (rules.http.is_some() || rules.kafka.is_some() || rules.l7proto.is_some())
+        && protos.iter().any(|p| *p != L4Proto::Tcp)
     {
-        issues.error(
+        issues.error_hint(
             path,
-            "HTTP and Kafka rules apply to TCP only: set the ports' protocol to TCP",
+            "L7 rules can only apply to TCP",
+            "set protocol: TCP on every port of this toPorts entry (no protocol means ANY)",
         );
     }
     if rules.dns.is_some() && ingress {
