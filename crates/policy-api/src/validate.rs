@@ -103,7 +103,9 @@ pub fn parse_cilium_port(s: &str) -> Option<PortRef> {
     if s.bytes().all(|b| b.is_ascii_digit()) {
         return s.parse::<u16>().ok().map(PortRef::Number);
     }
-    names::is_port_name(s).then(|| PortRef::Name(s.to_owned()))
+    // Cilium's IANA service-name check accepts upper case and compares names case-insensitively.
+    let lower = s.to_ascii_lowercase();
+    names::is_port_name(&lower).then_some(PortRef::Name(lower))
 }
 
 /// ICMP type names Cilium accepts in `icmps[].fields[].type` (IPv4, IPv6).
@@ -596,8 +598,18 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
         }
     }
     if rule.node_selector.is_some() {
-        let l7 = rule.ingress.iter().flatten().flat_map(|r| r.to_ports.iter().flatten()).any(|p| p.rules.is_some())
-            || rule.egress.iter().flatten().flat_map(|r| r.to_ports.iter().flatten()).any(|p| p.rules.is_some());
+        let l7 = rule
+            .ingress
+            .iter()
+            .flatten()
+            .flat_map(|r| r.to_ports.iter().flatten())
+            .any(|p| p.rules.is_some())
+            || rule
+                .egress
+                .iter()
+                .flatten()
+                .flat_map(|r| r.to_ports.iter().flatten())
+                .any(|p| p.rules.is_some());
         if l7 {
             issues.error(
                 format!("{path}.nodeSelector"),
@@ -750,11 +762,18 @@ fn cilium_rule(issues: &mut Issues, path: &str, rule: &Rule, clusterwide: bool) 
 /// Cilium rejects rules that combine two kinds of L3 peer ("Combining fromEndpoints and
 /// fromCIDR is not supported yet").
 fn exclusive_l3(issues: &mut Issues, path: &str, members: &[(&str, usize)]) {
-    let present: Vec<&str> = members.iter().filter(|(_, n)| *n > 0).map(|(m, _)| *m).collect();
+    let present: Vec<&str> = members
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(m, _)| *m)
+        .collect();
     if present.len() > 1 {
         issues.error_hint(
             format!("{path}.{}", present[1]),
-            format!("combining {} and {} in one rule is not supported", present[0], present[1]),
+            format!(
+                "combining {} and {} in one rule is not supported",
+                present[0], present[1]
+            ),
             "write them as two rules in the same section: rules are ORed",
         );
     }
@@ -875,10 +894,14 @@ fn to_ports(
                 }
                 match parsed {
                     // Cilium takes endPort < port as the single port; almost always a typo.
-                    Some(PortRef::Number(start)) if start != 0 && end != 0 && end < i64::from(start) => {
+                    Some(PortRef::Number(start))
+                        if start != 0 && end != 0 && end < i64::from(start) =>
+                    {
                         issues.warning(
                             format!("{pp}.endPort"),
-                            format!("endPort {end} is below port {start}: only port {start} is covered"),
+                            format!(
+                                "endPort {end} is below port {start}: only port {start} is covered"
+                            ),
                             "endPort is the last port of the range",
                         );
                     }
@@ -898,7 +921,9 @@ fn to_ports(
             wildcard_port = true;
         }
         if let Some(rules) = rules {
-            if wildcard_port && (rules.http.is_some() || rules.kafka.is_some() || rules.dns.is_some()) {
+            if wildcard_port
+                && (rules.http.is_some() || rules.kafka.is_some() || rules.dns.is_some())
+            {
                 issues.error(
                     format!("{p}.rules"),
                     "L7 rules can not be used when a port is 0 (every port): name the port",

@@ -13,8 +13,8 @@ use palisade_policy_api::validate::{
 
 use crate::l7::L7Rules;
 use crate::model::{
-    proto, Action, CompiledPolicy, DefaultDeny, Direction, FqdnPattern, Peer, PolicyKey,
-    PolicyKind, PortMatch, PortSpec, Rule, RuleOrigin, Subject,
+    proto, Action, CompiledPolicy, DefaultDeny, Direction, FqdnPattern, NamedPorts, Peer,
+    PolicyKey, PolicyKind, PortMatch, PortSpec, Rule, RuleOrigin, Subject,
 };
 use crate::selector::{Op, Requirement, Selector};
 
@@ -173,6 +173,7 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<CompiledPolicy, CompileError
                 peers,
                 ports,
                 requires: Vec::new(),
+                named_ports: NamedPorts::PerDestination,
             });
         }
     }
@@ -399,12 +400,14 @@ impl CiliumCtx<'_> {
         }
     }
 
+    /// The peers and requirements of a rule, and whether it named any peer field at all.
+    #[allow(clippy::type_complexity)]
     fn peers(
         &self,
         f: &PeerFields<'_>,
         path: &str,
         out: &mut CompiledPolicy,
-    ) -> Result<(Vec<Peer>, Vec<Requirement>), CompileError> {
+    ) -> Result<(Vec<Peer>, Vec<Requirement>, bool), CompileError> {
         if let Some(field) = f.unsupported.first() {
             return Err(invalid(
                 format!("{path}.{field}"),
@@ -472,7 +475,7 @@ impl CiliumCtx<'_> {
         if no_peer_fields {
             peers.push(Peer::Any);
         }
-        Ok((peers, requires))
+        Ok((peers, requires, !no_peer_fields))
     }
 
     fn ports(
@@ -567,14 +570,14 @@ impl CiliumCtx<'_> {
         icmps: Option<&[cilium::IcmpRule]>,
     ) -> Result<(), CompileError> {
         let path = format!("{}.{section}[{index}]", self.base);
-        let (mut peers, requires) = self.peers(fields, &path, out)?;
+        let (mut peers, requires, named_peers) = self.peers(fields, &path, out)?;
         let ports = Self::ports(to_ports, icmps, &path)?;
         let ports = match ports {
             Some(p) => p,
             None => {
                 // L3-only rule. An empty rule `{}` has no peers and no ports: it only enables
                 // default deny.
-                if peers == [Peer::Any] {
+                if !named_peers {
                     peers.clear();
                 }
                 vec![PortSpec::any()]
@@ -588,6 +591,7 @@ impl CiliumCtx<'_> {
             peers,
             ports,
             requires,
+            named_ports: NamedPorts::SingleNumber,
         });
         Ok(())
     }

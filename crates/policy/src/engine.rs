@@ -21,8 +21,8 @@ use palisade_identity::{
 };
 
 use crate::model::{
-    Action, CompiledPolicy, Direction, Peer, PolicyKey, PortMatch, PortSpec, Rule, RuleOrigin,
-    Subject,
+    Action, CompiledPolicy, Direction, NamedPorts, Peer, PolicyKey, PortMatch, PortSpec, Rule,
+    RuleOrigin, Subject,
 };
 use crate::selector::{Requirement, Selector};
 use crate::table::{Contribution, RuleId, Table, ANY_IDENTITY};
@@ -367,7 +367,10 @@ impl Engine {
     fn identity_changed(&mut self, id: Identity, labels: &LabelSet, added: bool) {
         if let Some(ns) = labels.get(keys::NAMESPACE) {
             if added {
-                self.identities_by_namespace.entry(ns.value.to_string()).or_default().insert(id);
+                self.identities_by_namespace
+                    .entry(ns.value.to_string())
+                    .or_default()
+                    .insert(id);
             } else if let Some(set) = self.identities_by_namespace.get_mut(&*ns.value) {
                 set.remove(&id);
                 if set.is_empty() {
@@ -575,8 +578,16 @@ impl Engine {
         if let Some(t) = self.tables.get_mut(key) {
             t.refs += 1;
         } else {
-            if let TableKey::Pod { identity, direction, .. } = key {
-                self.tables_by_identity.entry((*identity, *direction)).or_default().insert(key.clone());
+            if let TableKey::Pod {
+                identity,
+                direction,
+                ..
+            } = key
+            {
+                self.tables_by_identity
+                    .entry((*identity, *direction))
+                    .or_default()
+                    .insert(key.clone());
             }
             self.tables.insert(
                 key.clone(),
@@ -600,7 +611,12 @@ impl Engine {
             None => false,
         };
         if drop {
-            if let TableKey::Pod { identity, direction, .. } = key {
+            if let TableKey::Pod {
+                identity,
+                direction,
+                ..
+            } = key
+            {
                 if let Some(set) = self.tables_by_identity.get_mut(&(*identity, *direction)) {
                     set.remove(key);
                     if set.is_empty() {
@@ -685,6 +701,7 @@ impl Engine {
             peers: Vec::new(),
             ports: Vec::new(),
             requires: Vec::new(),
+            named_ports: NamedPorts::PerDestination,
         });
         let all: Vec<(Rule, bool)> = policy
             .rules
@@ -749,7 +766,9 @@ impl Engine {
         self.next_rule += 1;
         let subject_sel = match &rule.subject {
             Subject::Endpoints(sel) => {
-                let (sid, _) = self.selectors.intern(sel, &self.identities, &self.identities_by_namespace);
+                let (sid, _) =
+                    self.selectors
+                        .intern(sel, &self.identities, &self.identities_by_namespace);
                 self.subject_users.entry(sid).or_default().push(id);
                 let matches: Vec<Identity> = self
                     .selectors
@@ -771,9 +790,11 @@ impl Engine {
         let mut peer_sels = Vec::with_capacity(rule.peers.len());
         for p in &rule.peers {
             peer_sels.push(match p {
-                Peer::Select { selector, .. } => {
-                    Some(self.selectors.intern(selector, &self.identities, &self.identities_by_namespace).0)
-                }
+                Peer::Select { selector, .. } => Some(
+                    self.selectors
+                        .intern(selector, &self.identities, &self.identities_by_namespace)
+                        .0,
+                ),
                 _ => None,
             });
         }
@@ -928,7 +949,7 @@ impl Engine {
                     Peer::Any => vec![ANY_IDENTITY],
                     Peer::Fqdn(pattern) => {
                         for spec in &rule.ports {
-                            for (proto, lo, hi) in self.resolve_ports(spec, key, None) {
+                            for (proto, lo, hi) in self.resolve_ports(spec, key) {
                                 table.add_fqdn(
                                     pattern,
                                     proto,
@@ -945,8 +966,11 @@ impl Engine {
                         endpoints,
                     } => {
                         let sid = if *endpoints && !reqs.is_empty() {
-                            let (sid, _) =
-                                self.selectors.intern(&selector.and(reqs), &self.identities, &self.identities_by_namespace);
+                            let (sid, _) = self.selectors.intern(
+                                &selector.and(reqs),
+                                &self.identities,
+                                &self.identities_by_namespace,
+                            );
                             owned.push(sid);
                             sid
                         } else {
@@ -972,13 +996,13 @@ impl Engine {
                         uses_named_egress = true;
                     }
                     if named && direction == Direction::Egress {
-                        for &peer_id in &identities {
-                            for (proto, lo, hi) in self.resolve_ports(spec, key, Some(peer_id)) {
-                                table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
-                            }
+                        for (peer_id, proto, lo, hi) in
+                            self.egress_named_ports(spec, rule.named_ports, &identities)
+                        {
+                            table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
                         }
                     } else {
-                        let ranges = self.resolve_ports(spec, key, None);
+                        let ranges = self.resolve_ports(spec, key);
                         for &peer_id in &identities {
                             for &(proto, lo, hi) in &ranges {
                                 table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
@@ -1046,70 +1070,84 @@ impl Engine {
         }
     }
 
-    /// Port ranges of a port spec for one table. Named ports resolve on ingress against the
-    /// endpoint's own container ports, on egress against the pods of the peer identity (all
-    /// pods for the wildcard peer); a name that resolves to more than one number resolves to
-    /// nothing, as in Cilium.
-    fn resolve_ports(
+    /// Port ranges of a port spec for one table. A named port resolves, in an ingress table,
+    /// against the endpoint's own container ports; elsewhere see [`Self::egress_named_ports`].
+    fn resolve_ports(&self, spec: &PortSpec, key: &TableKey) -> Vec<(u8, u16, u16)> {
+        match (&spec.ports, key) {
+            (PortMatch::Range(lo, hi), _) => vec![(spec.proto, *lo, *hi)],
+            (
+                PortMatch::Named(name),
+                TableKey::Pod {
+                    direction: Direction::Ingress,
+                    ports,
+                    ..
+                },
+            ) => {
+                let numbers: BTreeSet<u16> = ports
+                    .iter()
+                    .filter(|p| p.name == *name && p.proto == spec.proto)
+                    .map(|p| p.port)
+                    .collect();
+                numbers.into_iter().map(|n| (spec.proto, n, n)).collect()
+            }
+            (PortMatch::Named(_), _) => Vec::new(),
+        }
+    }
+
+    /// The numbers a port name has on the pods of one identity.
+    fn named_port_numbers(&self, id: Identity, name: &str, proto: u8) -> BTreeSet<u16> {
+        self.identity_info
+            .get(&id)
+            .map(|info| {
+                info.named_ports
+                    .keys()
+                    .filter(|p| p.name == name && p.proto == proto)
+                    .map(|p| p.port)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Entries of an egress named port: resolved on the destination pods.
+    /// - Kubernetes ([`NamedPorts::PerDestination`]): each destination identity gets the
+    ///   numbers its own pods give the name; "any peer" means every pod that has the name.
+    /// - Cilium ([`NamedPorts::SingleNumber`]): the name must mean one number across every
+    ///   selected identity, else the rule allows nothing on it.
+    fn egress_named_ports(
         &self,
         spec: &PortSpec,
-        key: &TableKey,
-        peer: Option<Identity>,
-    ) -> Vec<(u8, u16, u16)> {
-        match &spec.ports {
-            PortMatch::Range(lo, hi) => vec![(spec.proto, *lo, *hi)],
-            PortMatch::Named(name) => {
-                let mut numbers: BTreeSet<u16> = BTreeSet::new();
-                match (key, peer) {
-                    (
-                        TableKey::Pod {
-                            direction: Direction::Ingress,
-                            ports,
-                            ..
-                        },
-                        _,
-                    ) => {
-                        numbers.extend(
-                            ports
-                                .iter()
-                                .filter(|p| p.name == *name && p.proto == spec.proto)
-                                .map(|p| p.port),
-                        );
-                    }
-                    (
-                        TableKey::Node { .. }
-                        | TableKey::Pod {
-                            direction: Direction::Egress,
-                            ..
-                        },
-                        None,
-                    ) => {}
-                    (_, Some(ANY_IDENTITY)) => {
-                        for info in self.identity_info.values() {
-                            numbers.extend(
-                                info.named_ports
-                                    .keys()
-                                    .filter(|p| p.name == *name && p.proto == spec.proto)
-                                    .map(|p| p.port),
-                            );
-                        }
-                    }
-                    (_, Some(id)) => {
-                        if let Some(info) = self.identity_info.get(&id) {
-                            numbers.extend(
-                                info.named_ports
-                                    .keys()
-                                    .filter(|p| p.name == *name && p.proto == spec.proto)
-                                    .map(|p| p.port),
-                            );
-                        }
-                    }
-                }
-                if numbers.len() == 1 {
-                    numbers.into_iter().map(|n| (spec.proto, n, n)).collect()
-                } else {
-                    Vec::new()
-                }
+        mode: NamedPorts,
+        peers: &[Identity],
+    ) -> Vec<(Identity, u8, u16, u16)> {
+        let PortMatch::Named(name) = &spec.ports else {
+            return Vec::new();
+        };
+        let expanded: Vec<Identity> = if peers.contains(&ANY_IDENTITY) {
+            self.identity_info.keys().copied().collect()
+        } else {
+            peers.to_vec()
+        };
+        match mode {
+            NamedPorts::PerDestination => expanded
+                .into_iter()
+                .flat_map(|id| {
+                    self.named_port_numbers(id, name, spec.proto)
+                        .into_iter()
+                        .map(move |n| (id, spec.proto, n, n))
+                })
+                .collect(),
+            NamedPorts::SingleNumber => {
+                let numbers: BTreeSet<u16> = expanded
+                    .iter()
+                    .flat_map(|id| self.named_port_numbers(*id, name, spec.proto))
+                    .collect();
+                let [number] = numbers.into_iter().collect::<Vec<_>>()[..] else {
+                    return Vec::new();
+                };
+                peers
+                    .iter()
+                    .map(|id| (*id, spec.proto, number, number))
+                    .collect()
             }
         }
     }

@@ -244,6 +244,15 @@ impl PortSpec {
     }
 }
 
+/// How an egress rule's named ports resolve on the destination pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NamedPorts {
+    /// Kubernetes: on each destination pod, whatever number it gives the name.
+    PerDestination,
+    /// Cilium: the name must mean a single number across all selected destinations.
+    SingleNumber,
+}
+
 /// One normalized rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -257,6 +266,7 @@ pub struct Rule {
     /// Cilium `fromRequires` / `toRequires` of this rule: requirements added to the endpoint
     /// peers of every rule of the same action that selects the same endpoint.
     pub requires: Vec<crate::selector::Requirement>,
+    pub named_ports: NamedPorts,
 }
 
 /// A marker that puts the subject's direction into default-deny.
