@@ -949,7 +949,7 @@ impl Engine {
                     Peer::Any => vec![ANY_IDENTITY],
                     Peer::Fqdn(pattern) => {
                         for spec in &rule.ports {
-                            for (proto, lo, hi) in self.resolve_ports(spec, key) {
+                            for (proto, lo, hi) in Self::resolve_ports(spec, key) {
                                 table.add_fqdn(
                                     pattern,
                                     proto,
@@ -1002,7 +1002,7 @@ impl Engine {
                             table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
                         }
                     } else {
-                        let ranges = self.resolve_ports(spec, key);
+                        let ranges = Self::resolve_ports(spec, key);
                         for &peer_id in &identities {
                             for &(proto, lo, hi) in &ranges {
                                 table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
@@ -1072,7 +1072,7 @@ impl Engine {
 
     /// Port ranges of a port spec for one table. A named port resolves, in an ingress table,
     /// against the endpoint's own container ports; elsewhere see [`Self::egress_named_ports`].
-    fn resolve_ports(&self, spec: &PortSpec, key: &TableKey) -> Vec<(u8, u16, u16)> {
+    fn resolve_ports(spec: &PortSpec, key: &TableKey) -> Vec<(u8, u16, u16)> {
         match (&spec.ports, key) {
             (PortMatch::Range(lo, hi), _) => vec![(spec.proto, *lo, *hi)],
             (
