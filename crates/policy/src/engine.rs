@@ -1238,6 +1238,11 @@ impl Engine {
         self.world_identity(ip)
     }
 
+    /// The CIDR prefixes policies name, with their identities (for the datapath's ipcache).
+    pub fn cidr_identities(&self) -> impl Iterator<Item = (IpNet, Identity)> + '_ {
+        self.cidr_ids.iter().map(|(net, (id, _))| (*net, *id))
+    }
+
     /// The identity of an address outside the cluster.
     pub fn world_identity(&self, ip: IpAddr) -> Identity {
         let max = if ip.is_ipv4() { 32 } else { 128 };
