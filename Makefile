@@ -39,3 +39,15 @@ bench: deps
 
 clean:
 	$(CARGO) clean
+
+# Fuzzes the manifest parser (load_str, then cluster::load) for FUZZ_SECONDS; see docs/fuzzing.md.
+# Uses the nightly toolchain when rustup has one, else stable with RUSTC_BOOTSTRAP=1. New inputs
+# go to fuzz/target/corpus (not committed); fuzz/corpus/manifest holds the committed seeds.
+FUZZ_SECONDS ?= 300
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@mkdir -p fuzz/target/corpus/manifest
+	if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then tc=+nightly; \
+		else tc=; export RUSTC_BOOTSTRAP=1; fi; \
+		$(CARGO) $$tc fuzz run --fuzz-dir fuzz manifest fuzz/target/corpus/manifest fuzz/corpus/manifest \
+			-- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
