@@ -460,6 +460,13 @@ impl Engine {
         Ok(())
     }
 
+    fn node_owning(&self, ip: IpAddr) -> Option<String> {
+        self.nodes
+            .values()
+            .find(|n| n.ips.contains(&ip))
+            .map(|n| n.name.clone())
+    }
+
     pub fn upsert_node(&mut self, node: NodeInfo) {
         if let Some(old) = self.nodes.get(&node.name) {
             if *old == node {
@@ -513,10 +520,13 @@ impl Engine {
             }
             self.remove_pod(&info.namespace, &info.name);
         }
-        self.ip_owner.insert(
-            info.ip,
-            IpOwner::Pod(info.namespace.clone(), info.name.clone()),
-        );
+        // A host-network pod normally has its node's address, which stays the node's.
+        if !(info.host_network && self.node_owning(info.ip).is_some()) {
+            self.ip_owner.insert(
+                info.ip,
+                IpOwner::Pod(info.namespace.clone(), info.name.clone()),
+            );
+        }
         if info.host_network {
             // A host-network pod is its node's host endpoint.
             self.pods.insert(
@@ -654,6 +664,10 @@ impl Engine {
             == Some(&IpOwner::Pod(namespace.to_owned(), name.to_owned()))
         {
             self.ip_owner.remove(&state.info.ip);
+            // The address may still be a node's.
+            if let Some(node) = self.node_owning(state.info.ip) {
+                self.ip_owner.insert(state.info.ip, IpOwner::Node(node));
+            }
         }
         for k in &state.keys {
             self.unreference_table(k);
