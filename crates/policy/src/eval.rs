@@ -278,10 +278,14 @@ pub fn identity_name(engine: &Engine, id: Identity) -> String {
             format!("{id} (cidr:{cidr})")
         }
         Some(l) => {
-            let ns = l.get(palisade_identity::keys::NAMESPACE).map_or("", |x| &*x.value);
+            let ns = l
+                .get(palisade_identity::keys::NAMESPACE)
+                .map_or("", |x| &*x.value);
             let own: Vec<String> = l
                 .iter()
-                .filter(|x| !x.key.starts_with("io.kubernetes.") && !x.key.starts_with("io.cilium.k8s."))
+                .filter(|x| {
+                    !x.key.starts_with("io.kubernetes.") && !x.key.starts_with("io.cilium.k8s.")
+                })
                 .map(|x| format!("{}={}", x.key, x.value))
                 .collect();
             format!("{id} ({ns}: {})", own.join(","))
