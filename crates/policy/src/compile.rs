@@ -34,6 +34,13 @@ fn invalid(path: impl Into<String>, message: impl Into<String>) -> CompileError 
     }
 }
 
+/// Whether a policy asks for audit mode (`palisade.dev/audit: "true"`).
+fn audit_annotation(meta: &palisade_policy_api::meta::ObjectMeta) -> bool {
+    meta.annotations
+        .get(crate::model::AUDIT_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
 fn ns_requirement(ns: &str) -> Requirement {
     Requirement::equals(Some(Source::K8s), keys::NAMESPACE, ns)
 }
@@ -92,6 +99,7 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<CompiledPolicy, CompileError
         name,
     });
     let spec = &np.spec;
+    let audit = audit_annotation(&np.metadata);
     let subject = Subject::Endpoints(
         Selector::from_k8s(&spec.pod_selector, Some(Source::K8s), "")
             .and(&[ns_requirement(&namespace)]),
@@ -145,6 +153,7 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<CompiledPolicy, CompileError
             origin: origin("policyTypes", 0),
             subject: subject.clone(),
             direction,
+            audit,
         });
         let section = direction.as_str();
         for (index, (peers, ports)) in rules.into_iter().enumerate() {
@@ -174,6 +183,7 @@ pub fn network_policy(np: &NetworkPolicy) -> Result<CompiledPolicy, CompileError
                 ports,
                 requires: Vec::new(),
                 named_ports: NamedPorts::PerDestination,
+                audit,
             });
         }
     }
@@ -293,6 +303,7 @@ pub fn cilium_policy(
     for (spec_index, rule) in specs {
         let ctx = CiliumCtx {
             key: key.clone(),
+            audit: audit_annotation(&p.metadata),
             spec_index,
             namespace: namespace.as_deref(),
             base: spec_index.map_or_else(|| "spec".to_owned(), |i| format!("specs[{i}]")),
@@ -304,6 +315,7 @@ pub fn cilium_policy(
 
 struct CiliumCtx<'a> {
     key: Arc<PolicyKey>,
+    audit: bool,
     spec_index: Option<usize>,
     namespace: Option<&'a str>,
     base: String,
@@ -592,6 +604,7 @@ impl CiliumCtx<'_> {
             ports,
             requires,
             named_ports: NamedPorts::SingleNumber,
+            audit: self.audit,
         });
         Ok(())
     }
@@ -773,6 +786,7 @@ impl CiliumCtx<'_> {
                     ),
                     subject: subject.clone(),
                     direction,
+                    audit: self.audit,
                 });
             }
         }

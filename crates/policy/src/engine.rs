@@ -716,6 +716,7 @@ impl Engine {
             ports: Vec::new(),
             requires: Vec::new(),
             named_ports: NamedPorts::PerDestination,
+            audit: d.audit,
         });
         let all: Vec<(Rule, bool)> = policy
             .rules
@@ -952,6 +953,11 @@ impl Engine {
                 continue;
             };
             if stored.marks_default_deny {
+                table.default_deny_audited = if table.enforcing {
+                    table.default_deny_audited && stored.rule.audit
+                } else {
+                    stored.rule.audit
+                };
                 table.enforcing = true;
                 table.default_deny_by.push(*id);
                 continue;
@@ -1045,6 +1051,7 @@ impl Engine {
                     rule: ALLOW_LOCALHOST_RULE,
                     action: Action::Allow,
                     l7: None,
+                    audit: false,
                 },
             );
         }
@@ -1320,6 +1327,7 @@ impl Engine {
 
 fn contribution(rule: RuleId, r: &Rule, spec: &PortSpec) -> Contribution {
     Contribution {
+        audit: r.audit,
         rule,
         action: r.action,
         l7: if r.action == Action::Allow {

@@ -136,11 +136,12 @@ pub struct FlowVerdict {
 }
 
 impl FlowVerdict {
-    /// Allowed at L3/L4 in both directions.
+    /// Passes at L3/L4 in both directions (allowed, or denied only by policies in audit
+    /// mode).
     pub fn allowed(&self) -> bool {
         self.same_endpoint
-            || (self.egress.as_ref().is_none_or(|(_, d)| d.is_allowed())
-                && self.ingress.as_ref().is_none_or(|(_, d)| d.is_allowed()))
+            || (self.egress.as_ref().is_none_or(|(_, d)| d.passes())
+                && self.ingress.as_ref().is_none_or(|(_, d)| d.passes()))
     }
 
     /// The L7 decisions that apply (egress proxy, then ingress proxy).
@@ -252,8 +253,16 @@ pub fn describe(engine: &Engine, who: &str, direction: Direction, d: &Decision) 
     };
     match d {
         Decision::Allowed { by, .. } => format!("allowed by {}", names(by)),
-        Decision::Denied { by } => format!("denied by {}", names(by)),
-        Decision::DefaultDenied { by } => format!(
+        Decision::Denied { by, audit: true } => {
+            format!("audit: would be denied by {}", names(by))
+        }
+        Decision::Denied { by, audit: false } => format!("denied by {}", names(by)),
+        Decision::DefaultDenied { by, audit: true } => format!(
+            "audit: no rule allows it at {} of {who}, which would be default-deny by {}",
+            direction.as_str(),
+            names(by)
+        ),
+        Decision::DefaultDenied { by, audit: false } => format!(
             "no rule allows it at {} of {who}, which is default-deny by {}",
             direction.as_str(),
             names(by)

@@ -267,6 +267,8 @@ pub struct Rule {
     /// peers of every rule of the same action that selects the same endpoint.
     pub requires: Vec<crate::selector::Requirement>,
     pub named_ports: NamedPorts,
+    /// From a policy in audit mode (`palisade.dev/audit: "true"`): its denials pass as AUDIT.
+    pub audit: bool,
 }
 
 /// A marker that puts the subject's direction into default-deny.
@@ -275,7 +277,12 @@ pub struct DefaultDeny {
     pub origin: RuleOrigin,
     pub subject: Subject,
     pub direction: Direction,
+    /// From a policy in audit mode: the default deny it causes passes as AUDIT.
+    pub audit: bool,
 }
+
+/// The annotation that puts one policy, of any kind, into audit mode.
+pub const AUDIT_ANNOTATION: &str = "palisade.dev/audit";
 
 /// A policy compiled into the normalized model.
 #[derive(Debug, Clone)]

@@ -543,11 +543,13 @@ mod tests {
                 }],
                 requires: Vec::new(),
                 named_ports: NamedPorts::PerDestination,
+                audit: false,
             }],
             default_deny: vec![DefaultDeny {
                 origin,
                 subject,
                 direction: Direction::Ingress,
+                audit: false,
             }],
             prefixes: Vec::new(),
         };

@@ -414,7 +414,10 @@ pub fn reason_for(engine: &Engine, v: &FlowVerdict) -> String {
         .map(|e| (Direction::Egress, e))
         .chain(v.ingress.iter().map(|i| (Direction::Ingress, i)))
         .collect();
-    if let Some((dir, (who, d))) = parts.iter().find(|(_, (_, d))| !d.is_allowed()) {
+    if let Some((dir, (who, d))) = parts.iter().find(|(_, (_, d))| !d.passes()) {
+        return describe(engine, who, *dir, d);
+    }
+    if let Some((dir, (who, d))) = parts.iter().find(|(_, (_, d))| d.is_audited()) {
         return describe(engine, who, *dir, d);
     }
     // Prefer the sentence of the direction that was actually decided by a rule.

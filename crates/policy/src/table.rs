@@ -28,6 +28,8 @@ pub struct Contribution {
     pub action: Action,
     /// L7 rules the proxy applies; `None` means the whole port is allowed.
     pub l7: Option<Arc<L7Rules>>,
+    /// From a policy in audit mode.
+    pub audit: bool,
 }
 
 /// One (protocol, port range) key of a peer with its contributions.
@@ -64,6 +66,8 @@ pub struct Table {
     pub enforcing: bool,
     /// The rules (default-deny markers) that made it so.
     pub default_deny_by: Vec<RuleId>,
+    /// Every policy causing the default deny is in audit mode: it passes as AUDIT.
+    pub default_deny_audited: bool,
     pub entries: HashMap<Identity, Vec<Entry>>,
     /// `toFQDNs` peers: they match addresses learned from DNS answers for those names.
     pub fqdn: Vec<(FqdnPattern, Vec<Entry>)>,
@@ -94,17 +98,32 @@ impl L7Decision {
 pub enum Decision {
     /// Allowed by these rules.
     Allowed { by: Vec<RuleId>, l7: L7Decision },
-    /// Denied by these deny rules.
-    Denied { by: Vec<RuleId> },
-    /// No rule allows it and these policies put the endpoint into default deny.
-    DefaultDenied { by: Vec<RuleId> },
+    /// Denied by these deny rules; `audit` when all of them are in audit mode (it passes).
+    Denied { by: Vec<RuleId>, audit: bool },
+    /// No rule allows it and these policies put the endpoint into default deny; `audit` when
+    /// all of them are in audit mode (it passes).
+    DefaultDenied { by: Vec<RuleId>, audit: bool },
     /// No policy selects the endpoint in this direction: allowed.
     NotEnforced,
 }
 
 impl Decision {
+    /// Allowed by policy (audited denials are not allowed, though they pass).
     pub fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allowed { .. } | Decision::NotEnforced)
+    }
+
+    /// Whether traffic passes: allowed, or denied only by policies in audit mode.
+    pub fn passes(&self) -> bool {
+        self.is_allowed() || self.is_audited()
+    }
+
+    /// A denial that passes because every policy behind it is in audit mode.
+    pub fn is_audited(&self) -> bool {
+        matches!(
+            self,
+            Decision::Denied { audit: true, .. } | Decision::DefaultDenied { audit: true, .. }
+        )
     }
 }
 
@@ -173,13 +192,17 @@ impl Table {
             }
         }
         let mut denied_by: Vec<RuleId> = Vec::new();
+        let mut deny_audited = true;
         let mut allowed_by: Vec<RuleId> = Vec::new();
         let mut unrestricted = !self.enforcing;
         let mut l7: Vec<(RuleId, Arc<L7Rules>)> = Vec::new();
         for e in &matching {
             for c in &e.contribs {
                 match c.action {
-                    Action::Deny => denied_by.push(c.rule),
+                    Action::Deny => {
+                        denied_by.push(c.rule);
+                        deny_audited &= c.audit;
+                    }
                     Action::Allow => {
                         allowed_by.push(c.rule);
                         match &c.l7 {
@@ -193,7 +216,10 @@ impl Table {
         dedup(&mut denied_by);
         dedup(&mut allowed_by);
         if !denied_by.is_empty() {
-            return Decision::Denied { by: denied_by };
+            return Decision::Denied {
+                by: denied_by,
+                audit: deny_audited,
+            };
         }
         if !self.enforcing {
             return if allowed_by.is_empty() {
@@ -208,6 +234,7 @@ impl Table {
         if allowed_by.is_empty() {
             return Decision::DefaultDenied {
                 by: self.default_deny_by.clone(),
+                audit: self.default_deny_audited,
             };
         }
         let l7 = if unrestricted {

@@ -1099,8 +1099,10 @@ fn signature(engine: &Engine, d: &Decision) -> String {
                 format!("allowed by [{}], L7 [{}]", names(by), names(&ids))
             }
         },
-        Decision::Denied { by } => format!("denied by [{}]", names(by)),
-        Decision::DefaultDenied { by } => format!("default-denied by [{}]", names(by)),
+        Decision::Denied { by, audit } => format!("denied by [{}] audit={audit}", names(by)),
+        Decision::DefaultDenied { by, audit } => {
+            format!("default-denied by [{}] audit={audit}", names(by))
+        }
         Decision::NotEnforced => "not enforced".to_owned(),
     }
 }
