@@ -37,6 +37,8 @@ pub struct Allocator {
     next_local: Identity,
     free_cluster: std::collections::BTreeSet<Identity>,
     free_local: std::collections::BTreeSet<Identity>,
+    /// Label keys and values shared by every stored set (most repeat across identities).
+    strings: std::collections::HashSet<Arc<str>>,
 }
 
 impl Default for Allocator {
@@ -55,6 +57,7 @@ impl Allocator {
             next_local: LOCAL_MIN,
             free_cluster: std::collections::BTreeSet::new(),
             free_local: std::collections::BTreeSet::new(),
+            strings: std::collections::HashSet::new(),
         };
         for (id, _) in crate::reserved::ALL {
             if let Some(labels) = reserved_labels(*id) {
@@ -90,7 +93,7 @@ impl Allocator {
             Scope::Local => take(&mut self.free_local, &mut self.next_local, LOCAL_MAX),
         }
         .ok_or(AllocError::Exhausted(scope))?;
-        let labels = Arc::new(labels.clone());
+        let labels = Arc::new(self.interned(labels));
         self.by_labels.insert(labels.clone(), id);
         self.by_id.insert(id, Entry { labels, refs: 1 });
         Ok((id, true))
@@ -110,6 +113,18 @@ impl Allocator {
         }
         if let Some(e) = self.by_id.remove(&id) {
             self.by_labels.remove(&e.labels);
+            let strings: Vec<Arc<str>> = e
+                .labels
+                .iter()
+                .flat_map(|l| [l.key.clone(), l.value.clone()])
+                .collect();
+            drop(e);
+            for s in strings {
+                // Held only by the interner and this local copy: nobody uses it any more.
+                if Arc::strong_count(&s) == 2 {
+                    self.strings.remove(&s);
+                }
+            }
         }
         if id >= LOCAL_MIN {
             self.free_local.insert(id);
@@ -117,6 +132,29 @@ impl Allocator {
             self.free_cluster.insert(id);
         }
         true
+    }
+
+    /// A copy of `labels` whose strings are the interner's.
+    fn interned(&mut self, labels: &LabelSet) -> LabelSet {
+        let mut out = Vec::with_capacity(labels.len());
+        for l in labels.iter() {
+            let key = self.intern(&l.key);
+            let value = self.intern(&l.value);
+            out.push(crate::Label {
+                key,
+                source: l.source,
+                value,
+            });
+        }
+        LabelSet::new(out)
+    }
+
+    fn intern(&mut self, s: &Arc<str>) -> Arc<str> {
+        if let Some(x) = self.strings.get(s) {
+            return x.clone();
+        }
+        self.strings.insert(s.clone());
+        s.clone()
     }
 
     pub fn labels(&self, id: Identity) -> Option<&Arc<LabelSet>> {

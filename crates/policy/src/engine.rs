@@ -232,17 +232,26 @@ struct StoredPolicy {
 #[derive(Debug)]
 struct TableState {
     table: Arc<Table>,
-    deps: Vec<SelId>,
+    /// (selector, rule, peer index) for every selector this table read, sorted.
+    uses: Vec<(SelId, RuleId, u16)>,
     /// Derived selectors (with fromRequires) this table holds references on.
     owned: Vec<SelId>,
     refs: u32,
 }
 
+/// What the engine keeps of a pod: no label copy (the identity holds the labels), shared
+/// strings and port lists, so per-pod memory stays small.
 #[derive(Debug)]
 struct PodState {
-    info: PodInfo,
+    service_account: Arc<str>,
+    node: Arc<str>,
+    host_network: bool,
+    ip: IpAddr,
+    /// Sorted and deduplicated; one allocation shared by every pod with the same ports.
+    ports: Arc<[NamedPort]>,
     identity: Option<Identity>,
-    keys: Vec<TableKey>,
+    /// The labels of a host-network pod, which has no identity to hold them.
+    host_labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default)]
@@ -260,7 +269,13 @@ pub struct Engine {
     identity_info: HashMap<Identity, IdentityInfo>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     nodes: BTreeMap<String, NodeInfo>,
-    pods: BTreeMap<(String, String), PodState>,
+    /// Namespace → pod name → pod.
+    pods: BTreeMap<Arc<str>, BTreeMap<Arc<str>, PodState>>,
+    /// Interned strings (service accounts, node names).
+    strings: HashSet<Arc<str>>,
+    /// Interned port lists, shared by pods and table keys.
+    port_sets: HashSet<Arc<[NamedPort]>>,
+    no_ports: Arc<[NamedPort]>,
     ip_owner: HashMap<IpAddr, IpOwner>,
     cidr_ids: BTreeMap<IpNet, (Identity, u32)>,
     selectors: SelectorCache,
@@ -277,6 +292,11 @@ pub struct Engine {
     dirty: HashSet<TableKey>,
     /// Tables that resolve egress named ports, rebuilt when any identity's ports change.
     named_egress: HashSet<TableKey>,
+    /// Tables whose entries depend on whole peer sets (named ports that must agree across
+    /// all peers): rebuilt rather than patched when a peer set changes.
+    rebuild_on_change: HashSet<TableKey>,
+    /// Selector match changes to apply to tables at the next commit.
+    patches: Vec<(TableKey, SelId, Identity, bool)>,
     /// Identities by the namespace label they carry (pods only).
     identities_by_namespace: HashMap<String, HashSet<Identity>>,
     /// Pod tables by (identity, direction).
@@ -287,7 +307,7 @@ pub struct Engine {
 /// Who owns an address in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IpOwner {
-    Pod(String, String),
+    Pod(Arc<str>, Arc<str>),
     Node(String),
 }
 
@@ -303,6 +323,9 @@ impl Engine {
             namespaces: BTreeMap::new(),
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
+            strings: HashSet::new(),
+            port_sets: HashSet::new(),
+            no_ports: Arc::from(Vec::new()),
             ip_owner: HashMap::new(),
             cidr_ids: BTreeMap::new(),
             selectors: SelectorCache::default(),
@@ -316,6 +339,8 @@ impl Engine {
             dependents: HashMap::new(),
             dirty: HashSet::new(),
             named_egress: HashSet::new(),
+            rebuild_on_change: HashSet::new(),
+            patches: Vec::new(),
             identities_by_namespace: HashMap::new(),
             tables_by_identity: HashMap::new(),
             revision: 0,
@@ -391,7 +416,13 @@ impl Engine {
                 continue;
             }
             if let Some(tables) = self.dependents.get(&sel_id) {
-                self.dirty.extend(tables.iter().cloned());
+                for t in tables {
+                    if self.rebuild_on_change.contains(t) {
+                        self.dirty.insert(t.clone());
+                    } else {
+                        self.patches.push((t.clone(), sel_id, id, added));
+                    }
+                }
             }
             if let Some(rules) = self.subject_users.get(&sel_id) {
                 let set = self.selected_by.entry(id).or_default();
@@ -449,9 +480,9 @@ impl Engine {
     fn refresh_namespace_pods(&mut self, ns: &str) -> Result<(), EngineError> {
         let pods: Vec<PodInfo> = self
             .pods
-            .range((ns.to_owned(), String::new())..)
-            .take_while(|((n, _), _)| n == ns)
-            .map(|(_, p)| p.info.clone())
+            .get(ns)
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(name, st)| self.pod_info(ns, name, st)))
             .collect();
         for p in pods {
             self.remove_pod(&p.namespace, &p.name);
@@ -465,6 +496,79 @@ impl Engine {
             .values()
             .find(|n| n.ips.contains(&ip))
             .map(|n| n.name.clone())
+    }
+
+    fn intern_str(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strings.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.strings.insert(a.clone());
+        a
+    }
+
+    fn intern_ports(&mut self, ports: &[NamedPort]) -> Arc<[NamedPort]> {
+        let mut sorted = ports.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.is_empty() {
+            return self.no_ports.clone();
+        }
+        if let Some(a) = self.port_sets.get(sorted.as_slice()) {
+            return a.clone();
+        }
+        let a: Arc<[NamedPort]> = Arc::from(sorted);
+        self.port_sets.insert(a.clone());
+        a
+    }
+
+    /// The own labels of a pod, from its identity (or kept aside for host-network pods).
+    fn pod_own_labels(&self, st: &PodState) -> BTreeMap<String, String> {
+        if let Some(l) = &st.host_labels {
+            return l.clone();
+        }
+        let Some(set) = st.identity.and_then(|id| self.identities.labels(id)) else {
+            return BTreeMap::new();
+        };
+        set.iter()
+            .filter(|l| {
+                l.source == palisade_identity::Source::K8s
+                    && *l.key != *keys::NAMESPACE
+                    && *l.key != *keys::SERVICE_ACCOUNT
+                    && *l.key != *keys::CLUSTER
+                    && !l.key.starts_with(keys::NAMESPACE_LABELS_PREFIX)
+            })
+            .map(|l| (l.key.to_string(), l.value.to_string()))
+            .collect()
+    }
+
+    fn pod_info(&self, ns: &str, name: &str, st: &PodState) -> PodInfo {
+        PodInfo {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            labels: self.pod_own_labels(st),
+            service_account: st.service_account.to_string(),
+            node: st.node.to_string(),
+            host_network: st.host_network,
+            ip: st.ip,
+            ports: st.ports.to_vec(),
+        }
+    }
+
+    fn pod_keys(&self, st: &PodState) -> Option<[TableKey; 2]> {
+        let identity = st.identity?;
+        Some([
+            TableKey::Pod {
+                identity,
+                direction: Direction::Ingress,
+                ports: st.ports.clone(),
+            },
+            TableKey::Pod {
+                identity,
+                direction: Direction::Egress,
+                ports: self.no_ports.clone(),
+            },
+        ])
     }
 
     pub fn upsert_node(&mut self, node: NodeInfo) {
@@ -501,7 +605,7 @@ impl Engine {
                     key.clone(),
                     TableState {
                         table: Arc::new(Table::default()),
-                        deps: Vec::new(),
+                        uses: Vec::new(),
                         owned: Vec::new(),
                         refs: 1,
                     },
@@ -513,39 +617,45 @@ impl Engine {
 
     /// Adds a pod, or replaces it (relabel, new ports, new address).
     pub fn upsert_pod(&mut self, info: PodInfo) -> Result<(), EngineError> {
-        let key = (info.namespace.clone(), info.name.clone());
-        if let Some(old) = self.pods.get(&key) {
-            if old.info == info {
+        if let Some(old) = self.pod(&info.namespace, &info.name) {
+            if old == info {
                 return Ok(());
             }
             self.remove_pod(&info.namespace, &info.name);
         }
+        let ns_key: Arc<str> = match self.pods.get_key_value(info.namespace.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(info.namespace.as_str()),
+        };
+        let name_key: Arc<str> = Arc::from(info.name.as_str());
         // A host-network pod normally has its node's address, which stays the node's.
         if !(info.host_network && self.node_owning(info.ip).is_some()) {
-            self.ip_owner.insert(
-                info.ip,
-                IpOwner::Pod(info.namespace.clone(), info.name.clone()),
-            );
+            self.ip_owner
+                .insert(info.ip, IpOwner::Pod(ns_key.clone(), name_key.clone()));
         }
+        let mut state = PodState {
+            service_account: self.intern_str(&info.service_account),
+            node: self.intern_str(&info.node),
+            host_network: info.host_network,
+            ip: info.ip,
+            ports: self.intern_ports(&info.ports),
+            identity: None,
+            host_labels: None,
+        };
         if info.host_network {
             // A host-network pod is its node's host endpoint.
-            self.pods.insert(
-                key,
-                PodState {
-                    info,
-                    identity: None,
-                    keys: Vec::new(),
-                },
-            );
+            state.host_labels = Some(info.labels);
+            self.pods.entry(ns_key).or_default().insert(name_key, state);
             return Ok(());
         }
         let labels = self.identity_labels_for(&info);
         let id = self.acquire_identity(&labels, Scope::Cluster)?;
+        let new_identity = !self.identity_info.contains_key(&id);
         let ports_changed = {
             let ii = self.identity_info.entry(id).or_default();
             ii.pods += 1;
             let mut changed = false;
-            for p in &info.ports {
+            for p in state.ports.iter() {
                 let c = ii.named_ports.entry(p.clone()).or_insert(0);
                 changed |= *c == 0;
                 *c += 1;
@@ -553,34 +663,23 @@ impl Engine {
             changed
         };
         if ports_changed {
-            self.dirty.extend(self.named_egress.iter().cloned());
+            // A new identity reaches per-destination named ports through selector patches;
+            // only tables resolving across whole peer sets need a rebuild. An existing
+            // identity's ports changing touches every table resolving named egress ports.
+            let affected = if new_identity {
+                &self.rebuild_on_change
+            } else {
+                &self.named_egress
+            };
+            self.dirty.extend(affected.iter().cloned());
         }
-        let mut own_ports: Vec<NamedPort> = info.ports.clone();
-        own_ports.sort();
-        own_ports.dedup();
-        let keys = vec![
-            TableKey::Pod {
-                identity: id,
-                direction: Direction::Ingress,
-                ports: Arc::from(own_ports),
-            },
-            TableKey::Pod {
-                identity: id,
-                direction: Direction::Egress,
-                ports: Arc::from(Vec::new()),
-            },
-        ];
-        for k in &keys {
-            self.reference_table(k);
+        state.identity = Some(id);
+        if let Some(keys) = self.pod_keys(&state) {
+            for k in &keys {
+                self.reference_table(k);
+            }
         }
-        self.pods.insert(
-            key,
-            PodState {
-                info,
-                identity: Some(id),
-                keys,
-            },
-        );
+        self.pods.entry(ns_key).or_default().insert(name_key, state);
         Ok(())
     }
 
@@ -603,7 +702,7 @@ impl Engine {
                 key.clone(),
                 TableState {
                     table: Arc::new(Table::default()),
-                    deps: Vec::new(),
+                    uses: Vec::new(),
                     owned: Vec::new(),
                     refs: 1,
                 },
@@ -643,11 +742,11 @@ impl Engine {
     }
 
     fn forget_deps(&mut self, key: &TableKey, t: &TableState) {
-        for s in &t.deps {
-            if let Some(set) = self.dependents.get_mut(s) {
+        for s in selectors_of(&t.uses) {
+            if let Some(set) = self.dependents.get_mut(&s) {
                 set.remove(key);
                 if set.is_empty() {
-                    self.dependents.remove(s);
+                    self.dependents.remove(&s);
                 }
             }
         }
@@ -657,26 +756,38 @@ impl Engine {
     }
 
     pub fn remove_pod(&mut self, namespace: &str, name: &str) {
-        let Some(state) = self.pods.remove(&(namespace.to_owned(), name.to_owned())) else {
+        let Some(pods) = self.pods.get_mut(namespace) else {
             return;
         };
-        if self.ip_owner.get(&state.info.ip)
-            == Some(&IpOwner::Pod(namespace.to_owned(), name.to_owned()))
-        {
-            self.ip_owner.remove(&state.info.ip);
+        let Some((name_key, state)) = pods.remove_entry(name) else {
+            return;
+        };
+        if pods.is_empty() {
+            self.pods.remove(namespace);
+        }
+        let owned_by_pod = matches!(
+            self.ip_owner.get(&state.ip),
+            Some(IpOwner::Pod(n, p)) if **n == *namespace && Arc::ptr_eq(p, &name_key)
+        );
+        if owned_by_pod {
+            self.ip_owner.remove(&state.ip);
             // The address may still be a node's.
-            if let Some(node) = self.node_owning(state.info.ip) {
-                self.ip_owner.insert(state.info.ip, IpOwner::Node(node));
+            if let Some(node) = self.node_owning(state.ip) {
+                self.ip_owner.insert(state.ip, IpOwner::Node(node));
             }
         }
-        for k in &state.keys {
-            self.unreference_table(k);
+        if let Some(keys) = self.pod_keys(&state) {
+            for k in &keys {
+                self.unreference_table(k);
+            }
         }
         if let Some(id) = state.identity {
             let mut ports_changed = false;
+            let mut last_pod = false;
             if let Some(ii) = self.identity_info.get_mut(&id) {
                 ii.pods = ii.pods.saturating_sub(1);
-                for p in &state.info.ports {
+                last_pod = ii.pods == 0;
+                for p in state.ports.iter() {
                     if let Some(c) = ii.named_ports.get_mut(p) {
                         *c -= 1;
                         if *c == 0 {
@@ -687,9 +798,19 @@ impl Engine {
                 }
             }
             if ports_changed {
-                self.dirty.extend(self.named_egress.iter().cloned());
+                let affected = if last_pod {
+                    &self.rebuild_on_change
+                } else {
+                    &self.named_egress
+                };
+                self.dirty.extend(affected.iter().cloned());
             }
             self.release_identity(id);
+        }
+        // Drop an interned port list nobody uses any more (only the interner holds it).
+        let ports = state.ports;
+        if Arc::strong_count(&ports) == 2 {
+            self.port_sets.remove(&ports);
         }
     }
 
@@ -878,7 +999,7 @@ impl Engine {
 
     /// Rebuilds every table whose inputs changed. Returns the keys of the tables rebuilt.
     pub fn commit(&mut self) -> Vec<TableKey> {
-        let dirty: Vec<TableKey> = self
+        let dirty: HashSet<TableKey> = self
             .dirty
             .drain()
             .filter(|k| self.tables.contains_key(k))
@@ -886,6 +1007,16 @@ impl Engine {
         for key in &dirty {
             self.rebuild(key);
         }
+        // A rebuilt table already reflects every change; the others are patched in place.
+        let patches = std::mem::take(&mut self.patches);
+        let mut patched: HashSet<TableKey> = HashSet::new();
+        for (key, sel, identity, added) in patches {
+            if !dirty.contains(&key) {
+                self.patch(&key, sel, identity, added);
+                patched.insert(key);
+            }
+        }
+        let dirty: Vec<TableKey> = dirty.into_iter().chain(patched).collect();
         if !dirty.is_empty() {
             self.revision += 1;
         }
@@ -929,15 +1060,44 @@ impl Engine {
         }
     }
 
+    /// Adds the entries one peer of one rule gives `identities` in a table.
+    fn add_peer_entries(
+        &self,
+        key: &TableKey,
+        id: RuleId,
+        rule: &Rule,
+        peer: u16,
+        identities: &[Identity],
+        table: &mut Table,
+    ) {
+        let direction = key_direction(key);
+        for spec in &rule.ports {
+            let c = contribution(id, peer, rule, spec);
+            if matches!(spec.ports, PortMatch::Named(_)) && direction == Direction::Egress {
+                for (peer_id, proto, lo, hi) in
+                    self.egress_named_ports(spec, rule.named_ports, identities)
+                {
+                    table.add(peer_id, proto, lo, hi, c.clone());
+                }
+            } else {
+                let ranges = Self::resolve_ports(spec, key);
+                for &peer_id in identities {
+                    for &(proto, lo, hi) in &ranges {
+                        table.add(peer_id, proto, lo, hi, c.clone());
+                    }
+                }
+            }
+        }
+    }
+
     fn rebuild(&mut self, key: &TableKey) {
         let rule_ids = self.rules_for(key);
-        let direction = match key {
-            TableKey::Pod { direction, .. } | TableKey::Node { direction, .. } => *direction,
-        };
+        let direction = key_direction(key);
         let mut table = Table::default();
-        let mut deps: Vec<SelId> = Vec::new();
+        let mut uses: Vec<(SelId, RuleId, u16)> = Vec::new();
         let mut owned: Vec<SelId> = Vec::new();
         let mut uses_named_egress = false;
+        let mut rebuild_on_change = false;
         // fromRequires / toRequires of every selecting rule, per action.
         let mut requires: HashMap<Action, Vec<Requirement>> = HashMap::new();
         for id in &rule_ids {
@@ -963,8 +1123,22 @@ impl Engine {
                 continue;
             }
             let rule = &stored.rule;
+            let named_egress = direction == Direction::Egress
+                && rule
+                    .ports
+                    .iter()
+                    .any(|p| matches!(p.ports, PortMatch::Named(_)));
+            uses_named_egress |= named_egress;
+            // These resolve against the whole peer set: a change of it cannot be patched.
+            if named_egress
+                && (rule.named_ports == NamedPorts::SingleNumber
+                    || rule.peers.contains(&Peer::Any))
+            {
+                rebuild_on_change = true;
+            }
             let reqs = requires.get(&rule.action).map_or(&[][..], Vec::as_slice);
             for (pi, peer) in rule.peers.iter().enumerate() {
+                let pi = u16::try_from(pi).unwrap_or(u16::MAX);
                 let identities: Vec<Identity> = match peer {
                     Peer::Any => vec![ANY_IDENTITY],
                     Peer::Fqdn(pattern) => {
@@ -975,7 +1149,7 @@ impl Engine {
                                     proto,
                                     lo,
                                     hi,
-                                    contribution(*id, rule, spec),
+                                    contribution(*id, pi, rule, spec),
                                 );
                             }
                         }
@@ -994,42 +1168,24 @@ impl Engine {
                             owned.push(sid);
                             sid
                         } else {
-                            match stored.peer_sels.get(pi).copied().flatten() {
+                            match stored.peer_sels.get(usize::from(pi)).copied().flatten() {
                                 Some(s) => s,
                                 None => continue,
                             }
                         };
-                        deps.push(sid);
                         let Some(entry) = self.selectors.get(sid) else {
                             continue;
                         };
                         if entry.selector.is_wildcard() {
+                            // "Any peer" covers identities yet to come: no dependency.
                             vec![ANY_IDENTITY]
                         } else {
+                            uses.push((sid, *id, pi));
                             entry.matches.iter().copied().collect()
                         }
                     }
                 };
-                for spec in &rule.ports {
-                    let named = matches!(spec.ports, PortMatch::Named(_));
-                    if named && direction == Direction::Egress {
-                        uses_named_egress = true;
-                    }
-                    if named && direction == Direction::Egress {
-                        for (peer_id, proto, lo, hi) in
-                            self.egress_named_ports(spec, rule.named_ports, &identities)
-                        {
-                            table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
-                        }
-                    } else {
-                        let ranges = Self::resolve_ports(spec, key);
-                        for &peer_id in &identities {
-                            for &(proto, lo, hi) in &ranges {
-                                table.add(peer_id, proto, lo, hi, contribution(*id, rule, spec));
-                            }
-                        }
-                    }
-                }
+                self.add_peer_entries(key, *id, rule, pi, &identities, &mut table);
             }
         }
         if self.config.allow_localhost
@@ -1049,33 +1205,38 @@ impl Engine {
                 u16::MAX,
                 Contribution {
                     rule: ALLOW_LOCALHOST_RULE,
+                    peer: 0,
                     action: Action::Allow,
                     l7: None,
                     audit: false,
                 },
             );
         }
-        deps.sort_unstable();
-        deps.dedup();
         if uses_named_egress {
             self.named_egress.insert(key.clone());
         } else {
             self.named_egress.remove(key);
         }
+        if rebuild_on_change {
+            self.rebuild_on_change.insert(key.clone());
+        } else {
+            self.rebuild_on_change.remove(key);
+        }
         // Swap in the new table and its dependencies; release the old ones.
+        uses.sort_unstable();
+        uses.dedup();
+        uses.shrink_to_fit();
+        let new_deps: Vec<SelId> = selectors_of(&uses);
         let old = self.tables.get_mut(key).map(|t| {
-            let old_deps = std::mem::take(&mut t.deps);
-            let old_owned = std::mem::take(&mut t.owned);
+            let old_uses = std::mem::replace(&mut t.uses, uses);
+            let old_owned = std::mem::replace(&mut t.owned, owned);
             t.table = Arc::new(table);
-            t.deps.clone_from(&deps);
-            t.owned = owned;
-            (old_deps, old_owned)
+            (old_uses, old_owned)
         });
-        let Some((old_deps, old_owned)) = old else {
-            // The table went away meanwhile: drop the references taken above.
+        let Some((old_uses, old_owned)) = old else {
             return;
         };
-        for s in old_deps {
+        for s in selectors_of(&old_uses) {
             if let Some(set) = self.dependents.get_mut(&s) {
                 set.remove(key);
                 if set.is_empty() {
@@ -1086,8 +1247,51 @@ impl Engine {
         for s in old_owned {
             self.selectors.release(s);
         }
-        for s in deps {
+        for s in new_deps {
             self.dependents.entry(s).or_default().insert(key.clone());
+        }
+    }
+
+    /// Applies one selector's gain or loss of an identity to a table in place, without
+    /// rebuilding it: only that identity's entries from the rules that read the selector change.
+    fn patch(&mut self, key: &TableKey, sel: SelId, identity: Identity, added: bool) {
+        let Some(state) = self.tables.get(key) else {
+            return;
+        };
+        let start = state.uses.partition_point(|(s, _, _)| *s < sel);
+        let uses: Vec<(RuleId, u16)> = state.uses[start..]
+            .iter()
+            .take_while(|(s, _, _)| *s == sel)
+            .map(|(_, r, p)| (*r, *p))
+            .collect();
+        if uses.is_empty() {
+            return;
+        }
+        let mut additions = Table::default();
+        if added {
+            for (rid, pi) in &uses {
+                if let Some(stored) = self.rules.get(rid) {
+                    self.add_peer_entries(
+                        key,
+                        *rid,
+                        &stored.rule,
+                        *pi,
+                        &[identity],
+                        &mut additions,
+                    );
+                }
+            }
+        }
+        let Some(state) = self.tables.get_mut(key) else {
+            return;
+        };
+        let table = Arc::make_mut(&mut state.table);
+        if added {
+            table.merge(additions);
+        } else {
+            for (rid, pi) in &uses {
+                table.remove_contributions(identity, *rid, *pi);
+            }
         }
     }
 
@@ -1177,14 +1381,23 @@ impl Engine {
     // Queries
     // -----------------------------------------------------------------------------------------
 
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
-        self.pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .map(|p| &p.info)
+    /// A pod as given (its labels read back from its identity).
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        let st = self.pods.get(namespace)?.get(name)?;
+        Some(self.pod_info(namespace, name, st))
     }
 
-    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
-        self.pods.values().map(|p| &p.info)
+    /// Every pod, by namespace and name.
+    pub fn pods(&self) -> impl Iterator<Item = PodInfo> + '_ {
+        self.pods
+            .iter()
+            .flat_map(move |(ns, m)| m.iter().map(move |(name, st)| self.pod_info(ns, name, st)))
+    }
+
+    /// Address, node and host-network flag of a pod, without rebuilding its labels.
+    pub fn pod_location(&self, namespace: &str, name: &str) -> Option<(IpAddr, &str, bool)> {
+        let st = self.pods.get(namespace)?.get(name)?;
+        Some((st.ip, &st.node, st.host_network))
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
@@ -1200,9 +1413,7 @@ impl Engine {
     }
 
     pub fn pod_identity(&self, namespace: &str, name: &str) -> Option<Identity> {
-        self.pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .and_then(|p| p.identity)
+        self.pods.get(namespace)?.get(name)?.identity
     }
 
     pub fn identity_labels(&self, id: Identity) -> Option<&Arc<LabelSet>> {
@@ -1236,11 +1447,11 @@ impl Engine {
     pub fn identity_of_ip(&self, ip: IpAddr, observer_node: &str) -> Identity {
         match self.ip_owner.get(&ip) {
             Some(IpOwner::Pod(ns, name)) => {
-                if let Some(p) = self.pods.get(&(ns.clone(), name.clone())) {
+                if let Some(p) = self.pods.get(&**ns).and_then(|m| m.get(&**name)) {
                     if let Some(id) = p.identity {
                         return id;
                     }
-                    return if p.info.node == observer_node {
+                    return if *p.node == *observer_node {
                         reserved::HOST
                     } else {
                         reserved::REMOTE_NODE
@@ -1288,9 +1499,9 @@ impl Engine {
         name: &str,
         direction: Direction,
     ) -> Option<Arc<Table>> {
-        let p = self.pods.get(&(namespace.to_owned(), name.to_owned()))?;
-        let key = p
-            .keys
+        let p = self.pods.get(namespace)?.get(name)?;
+        let keys = self.pod_keys(p)?;
+        let key = keys
             .iter()
             .find(|k| matches!(k, TableKey::Pod { direction: d, .. } if *d == direction))?;
         self.tables.get(key).map(|t| t.table.clone())
@@ -1325,8 +1536,22 @@ impl Engine {
     }
 }
 
-fn contribution(rule: RuleId, r: &Rule, spec: &PortSpec) -> Contribution {
+/// The distinct selectors of a sorted `uses` list.
+fn selectors_of(uses: &[(SelId, RuleId, u16)]) -> Vec<SelId> {
+    let mut out: Vec<SelId> = uses.iter().map(|(s, _, _)| *s).collect();
+    out.dedup();
+    out
+}
+
+fn key_direction(key: &TableKey) -> Direction {
+    match key {
+        TableKey::Pod { direction, .. } | TableKey::Node { direction, .. } => *direction,
+    }
+}
+
+fn contribution(rule: RuleId, peer: u16, r: &Rule, spec: &PortSpec) -> Contribution {
     Contribution {
+        peer,
         audit: r.audit,
         rule,
         action: r.action,

@@ -95,8 +95,8 @@ fn resolve(engine: &Engine, p: &Party) -> Result<Resolved, EvalError> {
             Some(IpOwner::Pod(ns, name)) => resolve(
                 engine,
                 &Party::Pod {
-                    namespace: ns.clone(),
-                    name: name.clone(),
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
                 },
             ),
             Some(IpOwner::Node(n)) => Ok(Resolved::Host { node: n.clone() }),

@@ -214,8 +214,8 @@ fn plan_one(
                             p.ports
                                 .iter()
                                 .find(|np| np.name == name.to_ascii_lowercase() && np.proto == pr)
+                                .map(|np| np.port)
                         })
-                        .map(|np| np.port)
                         .ok_or_else(|| {
                             (
                                 "port",

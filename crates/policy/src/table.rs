@@ -25,6 +25,8 @@ pub const ANY_IDENTITY: Identity = 0;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Contribution {
     pub rule: RuleId,
+    /// Which of the rule's peers matched (the same rule may match through several).
+    pub peer: u16,
     pub action: Action,
     /// L7 rules the proxy applies; `None` means the whole port is allowed.
     pub l7: Option<Arc<L7Rules>>,
@@ -153,6 +155,38 @@ impl Table {
         };
         if let Some((_, entries)) = self.fqdn.get_mut(idx) {
             add_entry(entries, proto, lo, hi, c);
+        }
+    }
+
+    /// Adds every entry of `other` (used to patch a table in place).
+    pub fn merge(&mut self, other: Table) {
+        for (identity, entries) in other.entries {
+            for e in entries {
+                for c in e.contribs {
+                    self.add(identity, e.proto, e.lo, e.hi, c);
+                }
+            }
+        }
+        for (pattern, entries) in other.fqdn {
+            for e in entries {
+                for c in e.contribs {
+                    self.add_fqdn(&pattern, e.proto, e.lo, e.hi, c);
+                }
+            }
+        }
+    }
+
+    /// Removes what one peer of one rule contributed for `identity`.
+    pub fn remove_contributions(&mut self, identity: Identity, rule: RuleId, peer: u16) {
+        let Some(entries) = self.entries.get_mut(&identity) else {
+            return;
+        };
+        for e in entries.iter_mut() {
+            e.contribs.retain(|c| !(c.rule == rule && c.peer == peer));
+        }
+        entries.retain(|e| !e.contribs.is_empty());
+        if entries.is_empty() {
+            self.entries.remove(&identity);
         }
     }
 
