@@ -5,7 +5,7 @@ CARGO ?= cargo
 PALISADE := target/release/palisade
 STARWARS := examples/starwars
 
-.PHONY: demo test deps build lint unit fixtures bench fuzz clean
+.PHONY: demo test deps build lint unit datapath-test fixtures bench fuzz clean
 
 deps:
 	@./scripts/install-deps.sh
@@ -29,8 +29,15 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
+# Includes the privileged eBPF datapath tests (crates/datapath/tests/privileged.rs: packets
+# through BPF_PROG_TEST_RUN, TCX attach on veths in private network namespaces; kernel >= 6.6).
+# They need root and fail without it; PALISADE_SKIP_PRIVILEGED=1 skips them explicitly.
 unit: deps
 	$(CARGO) test --locked --workspace
+
+# Just the datapath: ABI layout against bpf/lib/abi.h, table flattening, privileged tests.
+datapath-test: deps
+	$(CARGO) test --locked -p palisade-abi -p palisade-bpf -p palisade-datapath
 
 test: lint unit
 

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # Installs what building and testing Palisade needs on Debian 12. Idempotent: it only
 # installs what is missing.
+#
+# Besides a C toolchain: clang, llvm and libbpf-dev (headers) compile the eBPF programs of
+# bpf/ (crates/bpf/build.rs); iproute2 and bpftool are used by the privileged datapath tests
+# and for inspecting the datapath (`bpftool map dump pinned /sys/fs/bpf/...`).
 set -euo pipefail
+
+installed() {
+	dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
 
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+for pkg in clang llvm libbpf-dev linux-libc-dev iproute2 bpftool; do
+	installed "${pkg}" || need_apt+=("${pkg}")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
 	if [ "$(id -u)" -ne 0 ]; then
 		echo "install-deps: need root to apt-get install ${need_apt[*]}" >&2

@@ -30,6 +30,14 @@ static __always_inline int is_ndp(const struct flow *f)
 	return type >= 133 && type <= 137;
 }
 
+/* The unspecified address ::, the source of duplicate address detection's neighbour
+ * solicitations. */
+static __always_inline int is_unspecified6(const __u8 *a)
+{
+	const __u32 *x = (const __u32 *)a;
+	return (x[0] | x[1] | x[2] | x[3]) == 0;
+}
+
 static __always_inline int drop(const struct flow *f, __u8 reason, __u8 direction, __u32 ep_id,
 				__u32 src, __u32 dst, __u32 rule, __u32 ifindex)
 {
@@ -56,13 +64,15 @@ static __always_inline int pal_handle(struct __sk_buff *skb, __u8 direction)
 		return drop(&f, PAL_REASON_MALFORMED, direction, ep_id, 0, 0, 0, skb->ifindex);
 
 	if (direction == PAL_DIR_EGRESS) {
-		/* Anti-spoofing: a pod sends only from its own addresses (link-local for NDP). */
+		/* Anti-spoofing: a pod sends only from its own addresses (NDP also from link-local,
+		 * and from :: for duplicate address detection). */
 		int ok = 0;
 		if (f.family == PAL_FAMILY_IPV4 && (ep->family_mask & 1))
 			ok = same_addr(f.saddr, ep->ipv4, PAL_FAMILY_IPV4);
 		else if (f.family == PAL_FAMILY_IPV6 && (ep->family_mask & 2))
 			ok = same_addr(f.saddr, ep->ipv6, PAL_FAMILY_IPV6) ||
-			     (is_ndp(&f) && f.saddr[0] == 0xfe && (f.saddr[1] & 0xc0) == 0x80);
+			     (is_ndp(&f) && ((f.saddr[0] == 0xfe && (f.saddr[1] & 0xc0) == 0x80) ||
+					     is_unspecified6(f.saddr)));
 		if (!ok)
 			return drop(&f, PAL_REASON_SPOOFED, direction, ep_id, ep->identity, 0, 0, skb->ifindex);
 	}
