@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod lab_cmd;
 mod output;
 mod policy_cmd;
 mod simulate_cmd;
@@ -23,6 +24,9 @@ enum Command {
     /// Inspect policies: validate, explain a verdict, show an endpoint's table.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Run a ConnectivityTest for real in network namespaces (root): run, up, exec, down.
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCommand),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Simulate(args) => simulate_cmd::run(&args),
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Lab(cmd) => lab_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,
