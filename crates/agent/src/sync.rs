@@ -56,6 +56,9 @@ pub struct DatapathSync {
     written_tables: HashMap<(u32, DpDirection), Vec<TableEntry>>,
     written_endpoints: HashMap<u32, palisade_datapath::abi::EndpointValue>,
     written_ipcache: BTreeMap<IpNet, (u32, u32)>,
+    /// Addresses the engine does not know but the datapath must (e.g. a lab's made-up node
+    /// address), with their identity and flags.
+    extra_ipcache: BTreeMap<IpNet, (u32, u32)>,
 }
 
 /// The flat rows the datapath loads for one engine table. Each (identity, protocol, ports)
@@ -154,6 +157,11 @@ impl DatapathSync {
         }
     }
 
+    /// Sets ipcache entries to write beside the engine's.
+    pub fn set_extra_ipcache(&mut self, extra: BTreeMap<IpNet, (u32, u32)>) {
+        self.extra_ipcache = extra;
+    }
+
     /// The endpoint id of an attached pod (stable for the life of this sync state).
     pub fn endpoint_id(&self, namespace: &str, name: &str) -> Option<u32> {
         self.endpoint_ids
@@ -175,7 +183,10 @@ impl DatapathSync {
         audit: &AuditConfig,
     ) -> Result<SyncStats, SyncError> {
         let mut stats = SyncStats::default();
-        let desired_ipcache = desired_ipcache(engine, node);
+        let mut desired_ipcache = desired_ipcache(engine, node);
+        for (net, v) in &self.extra_ipcache {
+            desired_ipcache.entry(*net).or_insert(*v);
+        }
         for (net, v) in &desired_ipcache {
             if self.written_ipcache.get(net) != Some(v) {
                 dp.set_ipcache(*net, v.0, v.1)?;

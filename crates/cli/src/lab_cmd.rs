@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 
 use palisade_lab::state::{self, LabKind, LabState};
-use palisade_lab::{probe, Enforcer, Lab, LabOptions, LabSpec, NoEnforcement, ProbeOptions};
+use palisade_lab::{
+    probe, DatapathEnforcer, Enforcer, Lab, LabOptions, LabSpec, NoEnforcement, ProbeOptions,
+};
 use palisade_policy::cluster::{self, Loaded};
 use palisade_policy::simulate::Report;
 use palisade_policy::Config;
@@ -50,6 +52,12 @@ pub struct RunArgs {
     /// How many probes run at once.
     #[arg(long, default_value_t = 16)]
     pub parallel: usize,
+    /// Audit mode for every endpoint: policy denials pass and are reported as AUDIT.
+    #[arg(long)]
+    pub policy_audit_mode: bool,
+    /// Run without the eBPF datapath (every connection the network carries is allowed).
+    #[arg(long)]
+    pub no_enforce: bool,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +74,9 @@ pub struct UpArgs {
     /// Internal: this process is the detached lab keeper.
     #[arg(long, hide = true)]
     pub detached: bool,
+    /// Run without the eBPF datapath (every connection the network carries is allowed).
+    #[arg(long)]
+    pub no_enforce: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +108,23 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Down(args) => Ok(lab_down(&args)),
         LabCommand::List => Ok(lab_list()),
     }
+}
+
+/// The eBPF datapath for a lab (maps pinned under the lab's own bpffs directory), or none.
+fn make_enforcer(lab: &Lab, disabled: bool, audit_all: bool) -> anyhow::Result<Box<dyn Enforcer>> {
+    if disabled {
+        return Ok(Box::new(NoEnforcement));
+    }
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/palisade-lab-{}", lab.id()));
+    let audit = palisade_agent::sync::AuditConfig {
+        global: audit_all,
+        ..Default::default()
+    };
+    let node = lab.node();
+    let enforcer =
+        DatapathEnforcer::open(&pin_dir, &node.name, &node.netns, &node.generated, audit)
+            .map_err(|e| anyhow::anyhow!("loading the datapath: {e}"))?;
+    Ok(Box::new(enforcer))
 }
 
 const NOT_ENFORCED: &str = "policy is NOT enforced in the lab yet (no datapath plugged in): \
@@ -160,16 +188,17 @@ fn lab_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         files: file_names(&args.files),
     };
     let lab = Lab::create(&spec, &options).context("building the lab")?;
-    let mut enforcer = NoEnforcement;
+    let mut enforcer = make_enforcer(&lab, args.no_enforce, args.policy_audit_mode)?;
     if !enforcer.enforcing() {
         warn(NOT_ENFORCED);
     }
-    lab.attach(&mut enforcer, &loaded.engine)?;
+    lab.attach(enforcer.as_mut(), &loaded.engine)?;
     let probe_options = ProbeOptions {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         parallelism: args.parallel.max(1),
     };
     let results = probe::run(&lab, &probes, &probe_options);
+    drop(enforcer);
     if let Err(e) = lab.destroy() {
         warn(&format!("removing the lab: {e}"));
     }
@@ -213,11 +242,13 @@ fn lab_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         files: file_names(&args.files),
     };
     let lab = Lab::create(&spec, &options).context("building the lab")?;
-    let mut enforcer = NoEnforcement;
+    let mut enforcer = make_enforcer(&lab, args.no_enforce, false)?;
     if !enforcer.enforcing() {
         warn(NOT_ENFORCED);
     }
-    lab.attach(&mut enforcer, &loaded.engine)?;
+    lab.attach(enforcer.as_mut(), &loaded.engine)?;
+    // Programs and maps live as long as this process (the signal handler removes the lab).
+    std::mem::forget(enforcer);
     print_summary(lab.state());
     if !args.detached {
         println!("Ctrl-C removes the lab.");

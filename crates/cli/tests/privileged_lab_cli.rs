@@ -104,8 +104,8 @@ fn privileged_lab_run_reports_like_simulate() {
     assert_eq!(lab.status.code(), Some(0), "{}", text(&lab.stderr));
     assert_eq!(sim.status.code(), Some(0));
     assert!(
-        text(&lab.stderr).contains("policy is NOT enforced"),
-        "{}",
+        !text(&lab.stderr).contains("policy is NOT enforced"),
+        "the lab enforces with the datapath by default: {}",
         text(&lab.stderr)
     );
     let lab_report: Value = serde_json::from_slice(&lab.stdout).expect("lab json");
@@ -127,11 +127,12 @@ fn privileged_lab_run_without_enforcement_fails_drop_expectations() {
     if !privileged() {
         return;
     }
-    // Step 2 of the demo expects drops; with no datapath plugged in the lab lets them through,
+    // Step 2 of the demo expects drops; with `--no-enforce` the lab lets them through, warns,
     // and says so with exit status 1.
     let out = palisade(&[
         "lab",
         "run",
+        "--no-enforce",
         "-f",
         "examples/starwars/cluster.yaml",
         "-f",
@@ -140,6 +141,7 @@ fn privileged_lab_run_without_enforcement_fails_drop_expectations() {
         "json",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("policy is NOT enforced"));
     let report: Value = serde_json::from_slice(&out.stdout).expect("json");
     for r in report["results"].as_array().expect("results") {
         assert_eq!(r["verdict"], "allow", "{r}");

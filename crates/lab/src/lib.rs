@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
+pub mod datapath_enforcer;
 pub mod enforcer;
 mod lab;
 pub mod netns;
@@ -42,6 +43,7 @@ mod server;
 pub mod spec;
 pub mod state;
 
+pub use datapath_enforcer::DatapathEnforcer;
 pub use enforcer::{Enforcer, EnforcerError, NoEnforcement};
 pub use lab::{
     ExternalAttachment, HostPodAttachment, Lab, LabOptions, NodeAttachment, PodAttachment,
