@@ -1131,8 +1131,7 @@ impl Engine {
             uses_named_egress |= named_egress;
             // These resolve against the whole peer set: a change of it cannot be patched.
             if named_egress
-                && (rule.named_ports == NamedPorts::SingleNumber
-                    || rule.peers.contains(&Peer::Any))
+                && (rule.named_ports == NamedPorts::SingleNumber || rule.peers.contains(&Peer::Any))
             {
                 rebuild_on_change = true;
             }
