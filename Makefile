@@ -13,17 +13,22 @@ deps:
 build: deps
 	$(CARGO) build --release --locked --bin palisade
 
-# The Star Wars demo, step by step: no policy, the L3/L4 policy, the L7 policy.
+# The Star Wars demo: first offline (the policy engine alone), then live (pods in network
+# namespaces, the eBPF datapath enforcing on their veths, real requests).
 demo: build
 	@for step in 1-no-policy 2-l3-l4 3-l7; do \
-		echo; echo "== Star Wars, $$step =="; \
+		echo; echo "== Star Wars, $$step, simulated =="; \
 		$(PALISADE) simulate -f $(STARWARS)/cluster.yaml -f $(STARWARS)/$$step || exit $$?; \
 	done
 	@echo; echo "== What the deathstar's ingress table holds under the L7 policy =="
 	@$(PALISADE) policy get -f $(STARWARS)/cluster.yaml -f $(STARWARS)/3-l7 --endpoint default/deathstar-1
 	@echo; echo "== Why the xwing is dropped =="
-	-@$(PALISADE) policy explain -f $(STARWARS)/cluster.yaml -f $(STARWARS)/3-l7 \
-		--from default/xwing --to default/deathstar-1 --port 80/TCP
+	@$(PALISADE) policy explain -f $(STARWARS)/cluster.yaml -f $(STARWARS)/3-l7 \
+		--from default/xwing --to default/deathstar-1 --port 80/TCP || [ $$? -eq 1 ]
+	@for step in 1-no-policy 2-l3-l4; do \
+		echo; echo "== Star Wars, $$step, live: lab pods, eBPF datapath, real requests =="; \
+		$(PALISADE) lab run -f $(STARWARS)/cluster.yaml -f $(STARWARS)/$$step || exit $$?; \
+	done
 
 lint: deps
 	$(CARGO) fmt --all -- --check
