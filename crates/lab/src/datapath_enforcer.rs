@@ -56,6 +56,11 @@ impl DatapathEnforcer {
         })
     }
 
+    /// The datapath endpoint id of a pod attached through this enforcer.
+    pub fn endpoint_id(&self, namespace: &str, name: &str) -> Option<u32> {
+        self.sync.endpoint_id(namespace, name)
+    }
+
     pub fn datapath(&mut self) -> Option<&mut Datapath> {
         self.dp.as_mut()
     }
