@@ -1,9 +1,27 @@
-//! The agent's core: keeping the kernel datapath in step with the policy engine.
+//! The Palisade agent.
 //!
-//! [`sync::DatapathSync`] turns the engine's resolved state into the datapath's maps: the
-//! ipcache (address → identity), one endpoint record per attached pod, and one policy table per
-//! endpoint and direction. It rewrites only what changed, in an order that never opens a gap.
+//! - [`sync`]: keeping the kernel datapath in step with the policy engine. [`sync::DatapathSync`]
+//!   turns the engine's resolved state into the datapath's maps: the ipcache (address →
+//!   identity), one endpoint record per attached pod, and one policy table per endpoint and
+//!   direction. It rewrites only what changed, in an order that never opens a gap, and can
+//!   start from what the kernel holds ([`sync::DatapathSync::from_kernel`]) so a restarted
+//!   agent rewrites only the differences.
+//! - [`store`]: the desired state on disk (applied objects, endpoint attachments, audit
+//!   settings), replaced atomically.
+//! - [`desired`]: manifests → engine, validated as `palisade simulate` validates them.
+//! - [`daemon`]: the agent itself: requests → store → engine → datapath.
+//! - [`server`] and [`client`]: the root-only unix-socket API, with its messages in
+//!   [`protocol`].
 
 #![forbid(unsafe_code)]
 
+pub mod client;
+pub mod daemon;
+pub mod desired;
+pub mod netns;
+pub mod protocol;
+pub mod server;
+pub mod store;
 pub mod sync;
+
+pub use daemon::{Agent, AgentError, Options};

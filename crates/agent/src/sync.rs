@@ -5,10 +5,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use palisade_datapath::abi::{
-    PAL_EP_F_AUDIT, PAL_EP_F_AUDIT_DEFAULT_EGRESS, PAL_EP_F_AUDIT_DEFAULT_INGRESS,
-    PAL_EP_F_ENFORCE_EGRESS, PAL_EP_F_ENFORCE_INGRESS, PAL_IPCACHE_F_ENDPOINT,
+    EndpointValue, PolicyKey, PolicyValue, PAL_EP_F_AUDIT, PAL_EP_F_AUDIT_DEFAULT_EGRESS,
+    PAL_EP_F_AUDIT_DEFAULT_INGRESS, PAL_EP_F_ENFORCE_EGRESS, PAL_EP_F_ENFORCE_INGRESS,
+    PAL_IPCACHE_F_ENDPOINT,
 };
-use palisade_datapath::{endpoint_value, Datapath, Direction as DpDirection, TableEntry, Verdict};
+use palisade_datapath::{
+    endpoint_value, lpm_entries, Datapath, Direction as DpDirection, TableEntry, Verdict,
+};
 use palisade_identity::{reserved, Identity};
 use palisade_policy::engine::IpOwner;
 use palisade_policy::model::{Action, Direction};
@@ -32,13 +35,43 @@ pub struct Attachment {
     pub ifindex: u32,
 }
 
-/// What one sync changed.
+/// What one sync changed. Every count is a map write (or removal) the sync had to make.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncStats {
+    /// Policy tables swapped in (or removed because the endpoint no longer needs one).
     pub tables_written: usize,
+    /// LPM entries in the tables swapped in.
     pub table_entries: usize,
+    /// Endpoint records written.
     pub endpoints_written: usize,
+    /// Ipcache entries written or removed.
     pub ipcache_changes: usize,
+    /// Endpoint records removed (endpoint detached, or unknown to this agent).
+    pub endpoints_removed: usize,
+    /// Tables removed with their endpoint.
+    pub tables_removed: usize,
+}
+
+impl SyncStats {
+    /// Map entries written or removed, all maps together (a table swap counts once).
+    pub fn map_writes(&self) -> usize {
+        self.tables_written
+            + self.endpoints_written
+            + self.ipcache_changes
+            + self.endpoints_removed
+            + self.tables_removed
+    }
+}
+
+/// What [`DatapathSync::from_kernel`] found in the maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub ipcache_entries: usize,
+    pub endpoints: usize,
+    /// Endpoints whose interface is not among the attachments (removed by the next sync).
+    pub unknown_endpoints: usize,
+    pub tables: usize,
+    pub table_entries: usize,
 }
 
 /// Audit settings: global (`--policy-audit-mode`) and per endpoint.
@@ -48,17 +81,38 @@ pub struct AuditConfig {
     pub endpoints: HashSet<(String, String)>,
 }
 
+/// A table as the kernel holds it: its LPM entries in a canonical order, `None` for no table.
+type LpmRows = Option<Vec<(PolicyKey, PolicyValue)>>;
+
 /// Remembers what was written so a sync rewrites only the differences.
 #[derive(Debug, Default)]
 pub struct DatapathSync {
     endpoint_ids: HashMap<(String, String), u32>,
     next_endpoint_id: u32,
-    written_tables: HashMap<(u32, DpDirection), Vec<TableEntry>>,
-    written_endpoints: HashMap<u32, palisade_datapath::abi::EndpointValue>,
+    written_tables: HashMap<(u32, DpDirection), LpmRows>,
+    /// Endpoint id → (ifindex, record).
+    written_endpoints: HashMap<u32, (u32, EndpointValue)>,
     written_ipcache: BTreeMap<IpNet, (u32, u32)>,
     /// Addresses the engine does not know but the datapath must (e.g. a lab's made-up node
     /// address), with their identity and flags.
     extra_ipcache: BTreeMap<IpNet, (u32, u32)>,
+    /// Ifindexes of kernel endpoint records that repeat another record's endpoint id (found by
+    /// [`DatapathSync::from_kernel`]): the next sync removes them.
+    stray_endpoints: Vec<u32>,
+}
+
+/// The LPM entries of flat rows, in the order [`canonical`] gives (`None`: no rows, no table).
+fn desired_lpm(rows: &[TableEntry]) -> LpmRows {
+    if rows.is_empty() {
+        None
+    } else {
+        Some(canonical(lpm_entries(rows)))
+    }
+}
+
+fn canonical(mut lpm: Vec<(PolicyKey, PolicyValue)>) -> Vec<(PolicyKey, PolicyValue)> {
+    lpm.sort_unstable();
+    lpm
 }
 
 /// The flat rows the datapath loads for one engine table. Each (identity, protocol, ports)
@@ -157,9 +211,60 @@ impl DatapathSync {
         }
     }
 
+    /// A sync state that believes what the kernel holds: the ipcache, every endpoint record
+    /// and the tables of those endpoints, read back from the pinned maps. Endpoints are matched
+    /// to `attachments` by ifindex and keep their endpoint ids; records on other interfaces
+    /// are remembered too, so the first [`sync`](Self::sync) removes them. The first sync then
+    /// rewrites only the entries that differ from the engine's (tables compared by their LPM
+    /// entries), which is how an agent restart avoids rewriting the world.
+    pub fn from_kernel(
+        dp: &Datapath,
+        attachments: &[Attachment],
+    ) -> Result<(Self, KernelState), SyncError> {
+        let mut state = KernelState::default();
+        let mut sync = DatapathSync::new();
+        for (net, v) in dp.ipcache_entries()? {
+            sync.written_ipcache.insert(net, (v.identity, v.flags));
+            state.ipcache_entries += 1;
+        }
+        let by_ifindex: HashMap<u32, &Attachment> =
+            attachments.iter().map(|a| (a.ifindex, a)).collect();
+        let mut max_id = 0;
+        for (ifindex, value) in dp.endpoints()? {
+            let id = value.endpoint_id;
+            // Two records with one id would be a corrupted map: keep the first, remove the
+            // others at the next sync.
+            if sync.written_endpoints.contains_key(&id) {
+                sync.stray_endpoints.push(ifindex);
+                state.unknown_endpoints += 1;
+                continue;
+            }
+            state.endpoints += 1;
+            max_id = max_id.max(id);
+            match by_ifindex.get(&ifindex) {
+                Some(a) => {
+                    sync.endpoint_ids
+                        .insert((a.namespace.clone(), a.name.clone()), id);
+                }
+                None => state.unknown_endpoints += 1,
+            }
+            sync.written_endpoints.insert(id, (ifindex, value));
+            for dir in [DpDirection::Ingress, DpDirection::Egress] {
+                let table = dp.read_table(id, dir)?.map(canonical);
+                if let Some(rows) = &table {
+                    state.tables += 1;
+                    state.table_entries += rows.len();
+                }
+                sync.written_tables.insert((id, dir), table);
+            }
+        }
+        sync.next_endpoint_id = max_id.saturating_add(1).max(1);
+        Ok((sync, state))
+    }
+
     /// Sets ipcache entries to write beside the engine's.
     pub fn set_extra_ipcache(&mut self, extra: BTreeMap<IpNet, (u32, u32)>) {
-        self.extra_ipcache = extra;
+        self.extra_ipcache = extra.into_iter().map(|(n, v)| (n.trunc(), v)).collect();
     }
 
     /// The endpoint id of an attached pod (stable for the life of this sync state).
@@ -169,11 +274,18 @@ impl DatapathSync {
             .copied()
     }
 
+    /// The endpoint record last written for a pod (as the kernel holds it).
+    pub fn written_endpoint(&self, namespace: &str, name: &str) -> Option<EndpointValue> {
+        let id = self.endpoint_id(namespace, name)?;
+        self.written_endpoints.get(&id).map(|(_, v)| *v)
+    }
+
     /// Brings the datapath in line with the engine for the pods attached on `node`.
     ///
     /// Order, so no change opens a gap: new ipcache entries first; then each endpoint's tables
     /// (each swapped in whole) before its endpoint record turns enforcement on; endpoint records
-    /// that turn enforcement off before their tables go; stale ipcache entries last.
+    /// that turn enforcement off before their tables go; endpoints that went away (record, then
+    /// tables); stale ipcache entries last.
     pub fn sync(
         &mut self,
         dp: &mut Datapath,
@@ -243,47 +355,62 @@ impl DatapathSync {
                 IpAddr::V6(a) => (None, Some(a)),
             };
             let value = endpoint_value(endpoint_id, identity, flags, v4, v6);
-            let enforcing_before = self.written_endpoints.get(&endpoint_id).map_or(0, |v| {
+            let written = self.written_endpoints.get(&endpoint_id).copied();
+            let enforcing_before = written.map_or(0, |(_, v)| {
                 v.flags & (PAL_EP_F_ENFORCE_INGRESS | PAL_EP_F_ENFORCE_EGRESS)
             });
             let turning_off = enforcing_before & !flags != 0;
             if turning_off {
-                dp.set_endpoint(a.ifindex, &value)?;
-                self.written_endpoints.insert(endpoint_id, value);
-                stats.endpoints_written += 1;
+                self.write_endpoint(dp, a.ifindex, value, &mut stats)?;
             }
             for (dir, rows) in tables {
                 let key = (endpoint_id, dir);
-                if self.written_tables.get(&key) == Some(&rows) {
+                let lpm = desired_lpm(&rows);
+                if self.written_tables.get(&key) == Some(&lpm) {
                     continue;
                 }
-                if rows.is_empty() {
+                if lpm.is_none() {
                     dp.remove_table(endpoint_id, dir)?;
                 } else {
                     stats.table_entries += dp.write_table(endpoint_id, dir, &rows)?;
                 }
                 stats.tables_written += 1;
-                self.written_tables.insert(key, rows);
+                self.written_tables.insert(key, lpm);
             }
-            if self.written_endpoints.get(&endpoint_id) != Some(&value) {
-                dp.set_endpoint(a.ifindex, &value)?;
-                self.written_endpoints.insert(endpoint_id, value);
-                stats.endpoints_written += 1;
+            if self.written_endpoints.get(&endpoint_id) != Some(&(a.ifindex, value)) {
+                self.write_endpoint(dp, a.ifindex, value, &mut stats)?;
             }
         }
 
-        // Endpoints that went away.
-        let gone: Vec<u32> = self
+        for ifindex in std::mem::take(&mut self.stray_endpoints) {
+            // An attached interface's record was just rewritten above.
+            if attachments.iter().any(|a| a.ifindex == ifindex) {
+                continue;
+            }
+            dp.remove_endpoint(ifindex)?;
+            stats.endpoints_removed += 1;
+        }
+        // Endpoints that went away (and tables nobody's record points at).
+        let mut gone: Vec<u32> = self
             .written_endpoints
             .keys()
+            .chain(self.written_tables.keys().map(|(id, _)| id))
             .copied()
             .filter(|id| !live.contains(id))
             .collect();
+        gone.sort_unstable();
+        gone.dedup();
         for id in gone {
-            self.written_endpoints.remove(&id);
+            if let Some((ifindex, _)) = self.written_endpoints.remove(&id) {
+                dp.remove_endpoint(ifindex)?;
+                stats.endpoints_removed += 1;
+            }
             for dir in [DpDirection::Ingress, DpDirection::Egress] {
-                if self.written_tables.remove(&(id, dir)).is_some() {
-                    dp.remove_table(id, dir)?;
+                if let Some(table) = self.written_tables.remove(&(id, dir)) {
+                    if table.is_some() {
+                        dp.remove_table(id, dir)?;
+                        stats.tables_removed += 1;
+                    }
                 }
             }
         }
@@ -301,6 +428,29 @@ impl DatapathSync {
             stats.ipcache_changes += 1;
         }
         Ok(stats)
+    }
+
+    /// Writes an endpoint record; if the endpoint moved to another interface, the record on
+    /// the old one goes.
+    fn write_endpoint(
+        &mut self,
+        dp: &mut Datapath,
+        ifindex: u32,
+        value: EndpointValue,
+        stats: &mut SyncStats,
+    ) -> Result<(), SyncError> {
+        dp.set_endpoint(ifindex, &value)?;
+        stats.endpoints_written += 1;
+        let old = self
+            .written_endpoints
+            .insert(value.endpoint_id, (ifindex, value));
+        if let Some((old_ifindex, _)) = old {
+            if old_ifindex != ifindex {
+                dp.remove_endpoint(old_ifindex)?;
+                stats.endpoints_removed += 1;
+            }
+        }
+        Ok(())
     }
 }
 
