@@ -10,10 +10,10 @@ use std::sync::Arc;
 use palisade_identity::{keys, Source};
 use palisade_policy::compile::DEFAULT_NAMESPACE;
 use palisade_policy::model::{
-    proto, CompiledPolicy, DefaultDeny, Direction, PolicyKey, PolicyKind, RuleOrigin, Subject,
+    CompiledPolicy, DefaultDeny, Direction, PolicyKey, PolicyKind, RuleOrigin, Subject,
 };
 use palisade_policy::selector::{Requirement, Selector};
-use palisade_policy::{cluster, Engine, EngineError, NamedPort, NodeInfo, PodInfo};
+use palisade_policy::{cluster, Engine, EngineError, NodeInfo, PodInfo};
 use palisade_policy_api::load::{Bundle, Diagnostic, Manifest, Object};
 use palisade_policy_api::validate::Severity;
 
@@ -107,67 +107,6 @@ pub fn keys(bundle: &Bundle) -> Result<Vec<ObjectKey>, Vec<Diagnostic>> {
     }
 }
 
-/// Pod facts the engine needs, from a `v1 Pod` (as `cluster::load` reads them; pods without
-/// `spec.nodeName` run on `default_node`, the agent's node).
-fn pod_info(
-    m: &Manifest,
-    p: &palisade_policy_api::k8s::Pod,
-    name: &str,
-    namespace: &str,
-    default_node: &str,
-) -> Result<PodInfo, Diagnostic> {
-    let ip_text = p
-        .status
-        .pod_ip
-        .as_deref()
-        .ok_or_else(|| m.diagnostic("status.podIP", "missing field \"podIP\"", None))?;
-    let ip: IpAddr = ip_text.parse().map_err(|_| {
-        m.diagnostic(
-            "status.podIP",
-            format!("invalid IP address {ip_text:?}"),
-            None,
-        )
-    })?;
-    let mut ports = Vec::new();
-    for c in &p.spec.containers {
-        for port in &c.ports {
-            let (Some(port_name), Ok(number)) = (&port.name, u16::try_from(port.container_port))
-            else {
-                continue;
-            };
-            let pr = match port.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => proto::UDP,
-                "SCTP" => proto::SCTP,
-                _ => proto::TCP,
-            };
-            ports.push(NamedPort {
-                name: port_name.to_ascii_lowercase(),
-                proto: pr,
-                port: number,
-            });
-        }
-    }
-    Ok(PodInfo {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        labels: p.metadata.labels.clone(),
-        service_account: p
-            .spec
-            .service_account_name
-            .clone()
-            .or_else(|| p.spec.service_account.clone())
-            .unwrap_or_else(|| "default".to_owned()),
-        node: p
-            .spec
-            .node_name
-            .clone()
-            .unwrap_or_else(|| default_node.to_owned()),
-        host_network: p.spec.host_network,
-        ip,
-        ports,
-    })
-}
-
 /// Turns a loaded batch into objects; errors name file, line and field. Warnings are added
 /// to `warnings`. ConnectivityTests are skipped with a warning (they are for `simulate` and
 /// `lab`, not cluster state). The same key twice in one batch is an error.
@@ -237,16 +176,13 @@ pub fn prepare(
                     .filter_map(|a| a.address.parse().ok())
                     .collect(),
             }),
-            Object::Pod(p) => {
-                let ns = key.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
-                match pod_info(m, p, &key.name, ns, default_node) {
-                    Ok(info) => Item::Pod(info),
-                    Err(d) => {
-                        errors.push(d);
-                        continue;
-                    }
+            Object::Pod(p) => match cluster::pod_info(m, p, default_node) {
+                Ok(info) => Item::Pod(info),
+                Err(d) => {
+                    errors.push(d);
+                    continue;
                 }
-            }
+            },
             Object::NetworkPolicy(_)
             | Object::CiliumNetworkPolicy(_)
             | Object::CiliumClusterwideNetworkPolicy(_) => match compiled {

@@ -48,8 +48,9 @@ pub fn compile_policies(
     }
 }
 
-/// Pod facts the engine needs, from a `v1 Pod`.
-fn pod_info(
+/// Pod facts the engine needs, from a `v1 Pod` (pods without `spec.nodeName` run on
+/// `default_node`).
+pub fn pod_info(
     m: &Manifest,
     p: &palisade_policy_api::k8s::Pod,
     default_node: &str,
