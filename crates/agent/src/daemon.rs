@@ -30,14 +30,15 @@ use crate::desired::{self, Item, Prepared, RuleIds};
 use crate::netns;
 use crate::protocol::{
     AgentStatus, ApplyTiming, AuditState, Change, ChangeAction, ChangeReport, DatapathMetrics,
-    DatapathStatus, EndpointInfo, EndpointReport, Enforcement, IdentityInfo, KernelReport,
-    ObjectCounts, PolicyInfo, Request, ResourceKind, Response, SourceFile, StartupReport,
-    SyncReport, WireDiagnostic,
+    DatapathStatus, EndpointInfo, EndpointReport, Enforcement, FlowStatus, IdentityInfo,
+    KernelReport, ObjectCounts, PolicyInfo, Request, ResourceKind, Response, SourceFile,
+    StartupReport, SyncReport, WireDiagnostic,
 };
 use crate::store::{
     ObjectKey, ObjectKind, Settings, Store, StoreError, StoredEndpoint, StoredObject, OBJECTS_FILE,
 };
 use crate::sync::{Attachment, AuditConfig, DatapathSync, SyncError, SyncStats};
+use crate::telemetry::{PollSchedule, RateLimit, Telemetry, EVENT_POLL, METRICS_POLL};
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -51,6 +52,12 @@ pub struct Options {
     pub node_name: String,
     /// `io.cilium.k8s.policy.cluster` of every pod.
     pub cluster_name: String,
+    /// How many flows the agent keeps for `palisade observe`.
+    pub flow_buffer: usize,
+    /// The datapath's flow event rate limit (per CPU).
+    pub events_rate_limit: RateLimit,
+    /// Where to serve Prometheus metrics (`host:port`, `[v6]:port`, `:port`), if anywhere.
+    pub prometheus_serve_addr: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +143,8 @@ pub struct Agent {
     last_sync: SyncReport,
     last_sync_error: Option<String>,
     timing: ApplyTiming,
+    /// Flows and metrics, shared with the socket and HTTP threads.
+    telemetry: Telemetry,
 }
 
 impl std::fmt::Debug for Agent {
@@ -232,7 +241,7 @@ fn valid_name(s: &str) -> bool {
 impl Agent {
     /// Loads the store, rebuilds the engine, opens the datapath and reconciles the kernel with
     /// the desired state.
-    pub fn start(options: Options) -> Result<Agent, AgentError> {
+    pub fn start(options: Options, telemetry: Telemetry) -> Result<Agent, AgentError> {
         let started = Instant::now();
         if !nix::unistd::geteuid().is_root() {
             return Err(AgentError::NotRoot);
@@ -266,10 +275,17 @@ impl Agent {
             }
         }
         let (engine, rule_ids) = build_engine(&options, &objects)?;
-        let dp = Datapath::open(&options.bpf_pin_dir).map_err(|source| AgentError::Datapath {
-            pin_dir: options.bpf_pin_dir.clone(),
-            source,
-        })?;
+        let mut dp =
+            Datapath::open(&options.bpf_pin_dir).map_err(|source| AgentError::Datapath {
+                pin_dir: options.bpf_pin_dir.clone(),
+                source,
+            })?;
+        let limit = options.events_rate_limit;
+        dp.set_ratelimit(limit.rate, limit.burst)
+            .map_err(|source| AgentError::Datapath {
+                pin_dir: options.bpf_pin_dir.clone(),
+                source,
+            })?;
         let mut agent = Agent {
             store,
             revision: state.revision,
@@ -287,6 +303,7 @@ impl Agent {
             last_sync: SyncReport::default(),
             last_sync_error: None,
             timing: ApplyTiming::default(),
+            telemetry,
             options,
         };
         agent.restore_endpoints()?;
@@ -466,6 +483,11 @@ impl Agent {
             Ok(stats) => {
                 self.last_sync = stats.into();
                 self.last_sync_error = None;
+                self.telemetry.record_sync(
+                    self.revision,
+                    self.sync.table_sizes(),
+                    attachments.len(),
+                );
                 (stats, None)
             }
             Err(e) => {
@@ -480,8 +502,10 @@ impl Agent {
     /// Syncs and records the time from `received` to the kernel holding the change.
     fn enforce(&mut self, received: Instant) -> (SyncReport, f64, Option<String>) {
         let (stats, err) = self.sync_now();
-        let elapsed = ms(received.elapsed());
+        let took = received.elapsed();
+        let elapsed = ms(took);
         if err.is_none() {
+            self.telemetry.metrics.observe_apply_to_enforced(took);
             self.timing.count += 1;
             self.timing.last_enforced_ms = Some(elapsed);
             self.timing.max_enforced_ms = Some(
@@ -512,7 +536,34 @@ impl Agent {
                 netns,
             } => self.attach(namespace, pod, &host_ifname, netns.as_deref(), received),
             Request::Detach { namespace, pod } => self.detach(namespace, pod, received),
+            // Served by the connection's thread from the flow buffer.
+            Request::Flows(_) => error("flows are served by the connection, not the agent"),
         }
+    }
+
+    /// Reads the datapath when `schedule` says so: the flow events waiting (decoded into the
+    /// flow buffer, counted in the metrics) every [`EVENT_POLL`], the counters every
+    /// [`METRICS_POLL`]. Called by the agent thread between requests.
+    pub fn poll_datapath(&mut self, schedule: &mut PollSchedule) {
+        let now = Instant::now();
+        if now >= schedule.next_events {
+            let events = self.dp.take_events();
+            self.telemetry
+                .record_events(&events, &self.engine, &self.options.node_name);
+            schedule.next_events = Instant::now() + EVENT_POLL;
+        }
+        if now >= schedule.next_metrics {
+            match self.dp.metrics() {
+                Ok(m) => self.telemetry.record_datapath(&m),
+                Err(e) => log(&format!("reading the datapath's counters: {e}")),
+            }
+            schedule.next_metrics = Instant::now() + METRICS_POLL;
+        }
+    }
+
+    /// The flow buffer and the metrics (for the socket and HTTP threads).
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
     }
 
     fn apply(&mut self, files: &[SourceFile], received: Instant) -> Response {
@@ -1052,6 +1103,8 @@ impl Agent {
             }
         }
         let metrics = self.dp.metrics().ok().map(|m| {
+            // Fresh numbers for the flow buffer's counters too.
+            self.telemetry.ring.set_lost_in_kernel(m.lost_events);
             let sum = |reason: u8| {
                 m.get(reason, DpDirection::Ingress).packets
                     + m.get(reason, DpDirection::Egress).packets
@@ -1086,6 +1139,19 @@ impl Agent {
                 last_sync: self.last_sync,
                 attached_interfaces: self.dp.attached().map_or(0, |a| a.len()),
                 metrics,
+            },
+            flows: {
+                let ring = self.telemetry.ring_stats();
+                FlowStatus {
+                    capacity: ring.capacity,
+                    len: ring.len,
+                    received: ring.received,
+                    evicted: ring.evicted,
+                    lost_in_kernel: ring.lost_in_kernel,
+                    rate_limit: self.options.events_rate_limit.rate,
+                    rate_burst: self.options.events_rate_limit.burst,
+                    metrics_addr: self.options.prometheus_serve_addr.clone(),
+                }
             },
             apply: self.timing,
             startup: self.startup.clone(),

@@ -11,7 +11,9 @@
 //! - [`desired`]: manifests → engine, validated as `palisade simulate` validates them.
 //! - [`daemon`]: the agent itself: requests → store → engine → datapath.
 //! - [`server`] and [`client`]: the root-only unix-socket API, with its messages in
-//!   [`protocol`].
+//!   [`protocol`]; the socket also serves flows to `palisade observe`.
+//! - [`telemetry`]: the datapath's events decoded into flows (kept in a buffer for
+//!   `palisade observe`) and the Prometheus metrics (`--prometheus-serve-addr`).
 
 #![forbid(unsafe_code)]
 
@@ -23,5 +25,6 @@ pub mod protocol;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod telemetry;
 
 pub use daemon::{Agent, AgentError, Options};

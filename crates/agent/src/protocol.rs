@@ -129,6 +129,9 @@ pub enum Request {
         namespace: String,
         pod: String,
     },
+    /// Flows from the agent's buffer (`palisade observe`): answered by the connection with a
+    /// stream of [`palisade_flow::FlowsResponse`] messages, not with a [`Response`].
+    Flows(Box<palisade_flow::FlowsRequest>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -455,6 +458,29 @@ pub struct DatapathStatus {
     pub metrics: Option<DatapathMetrics>,
 }
 
+/// The flow buffer and the events that feed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowStatus {
+    /// How many flows the buffer holds at most (`--flow-buffer`).
+    pub capacity: usize,
+    /// How many it holds now.
+    pub len: usize,
+    /// Flows received from the datapath since the agent started.
+    pub received: u64,
+    /// Flows pushed out of the buffer by newer ones.
+    pub evicted: u64,
+    /// Events the kernel could not send (over the rate limit, or the ring buffer was full),
+    /// counted since the datapath's maps were made.
+    pub lost_in_kernel: u64,
+    /// The event rate limit, per CPU (`--events-rate-limit`, 0: none).
+    pub rate_limit: u64,
+    pub rate_burst: u64,
+    /// Where Prometheus metrics are served (`--prometheus-serve-addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApplyTiming {
@@ -485,6 +511,8 @@ pub struct AgentStatus {
     pub endpoints: usize,
     pub identities: usize,
     pub datapath: DatapathStatus,
+    #[serde(default)]
+    pub flows: FlowStatus,
     pub apply: ApplyTiming,
     pub startup: StartupReport,
 }
@@ -512,6 +540,43 @@ mod tests {
         let text = String::from_utf8_lossy(&buf[4..]).into_owned();
         assert!(text.contains("\"request\":\"attach\""), "{text}");
         assert!(text.contains("\"hostIfname\""), "{text}");
+    }
+
+    #[test]
+    fn flows_requests_are_the_flow_crates() {
+        // `palisade observe` sends palisade_flow's ObserveRequest; the agent reads a Request.
+        let req = palisade_flow::FlowsRequest {
+            last: Some(5),
+            follow: true,
+            ..palisade_flow::FlowsRequest::default()
+        };
+        let mut buf = Vec::new();
+        palisade_flow::api::write_message(
+            &mut buf,
+            &palisade_flow::ObserveRequest::Flows(req.clone()),
+        )
+        .expect("write");
+        let back: Request = read_message(&mut buf.as_slice()).expect("read");
+        assert_eq!(back, Request::Flows(Box::new(req)));
+        let minimal: Request = serde_json::from_str(r#"{"request":"flows"}"#).expect("parse");
+        assert_eq!(minimal, Request::Flows(Box::default()));
+        // And the agent's errors read as the flow protocol's.
+        let mut buf = Vec::new();
+        write_message(
+            &mut buf,
+            &Response::Error {
+                message: "no".into(),
+            },
+        )
+        .expect("write");
+        let err: Option<palisade_flow::FlowsResponse> =
+            palisade_flow::api::read_message(&mut buf.as_slice()).expect("read");
+        assert_eq!(
+            err,
+            Some(palisade_flow::FlowsResponse::Error {
+                message: "no".into()
+            })
+        );
     }
 
     #[test]

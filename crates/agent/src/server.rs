@@ -3,27 +3,41 @@
 //! are handled one at a time, and a signal thread that stops the agent cleanly on
 //! SIGTERM/SIGINT/SIGHUP. Stopping (or crashing) leaves the programs attached and the maps
 //! pinned: enforcement continues without the agent.
+//!
+//! Between requests the worker reads the datapath's events and counters (see
+//! [`crate::telemetry`]). Flow requests (`palisade observe`) never reach the worker: the
+//! connection's thread answers them from the shared flow buffer, following it as long as the
+//! client wants. With `--prometheus-serve-addr`, one more thread serves `/metrics`.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::{umask, Mode};
+use palisade_flow::FlowRing;
 
 use crate::daemon::{log, Agent, AgentError, Options};
 use crate::protocol::{read_message, write_message, ProtocolError, Request, Response};
+use crate::telemetry::{PollSchedule, Telemetry};
 
 /// Connections served at once; more are answered with an error and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long a connection may stay silent before the agent closes it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopping agent lets following `observe` streams send their last message.
+pub const FLOW_STREAMS_GRACE: Duration = Duration::from_secs(1);
+
+/// Set when the agent stops: flow streams end.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Flow streams being served.
+static FLOW_STREAMS: AtomicUsize = AtomicUsize::new(0);
 
 enum Job {
     Request {
@@ -80,13 +94,38 @@ pub fn run(options: Options) -> Result<(), AgentError> {
         .thread_block()
         .map_err(|e| AgentError::Other(format!("blocking signals: {e}")))?;
 
+    let mut options = options;
     let socket = options.socket.clone();
     log(&format!(
-        "starting: node {}, state {}, pin directory {}",
+        "starting: node {}, state {}, pin directory {}, flow buffer {}, event rate limit {}",
         options.node_name,
         options.state_dir.display(),
-        options.bpf_pin_dir.display()
+        options.bpf_pin_dir.display(),
+        options.flow_buffer,
+        match options.events_rate_limit.rate {
+            0 => "none".to_owned(),
+            rate => format!(
+                "{rate}/s per CPU (burst {})",
+                options.events_rate_limit.burst
+            ),
+        }
     ));
+    let telemetry = Telemetry::new(options.flow_buffer)
+        .map_err(|e| AgentError::Other(format!("reading the clocks: {e}")))?;
+    // Bound before anything else, so a taken port fails the start at once.
+    let _metrics_server = match options.prometheus_serve_addr.as_deref() {
+        Some(addr) => {
+            let server = palisade_metrics::bind_addr(addr)
+                .and_then(|l| palisade_metrics::serve(l, telemetry.metrics.clone()))
+                .map_err(|e| AgentError::Other(format!("--prometheus-serve-addr {addr}: {e}")))?;
+            let bound = server.local_addr().to_string();
+            log(&format!("serving metrics on http://{bound}/metrics"));
+            options.prometheus_serve_addr = Some(bound);
+            Some(server)
+        }
+        None => None,
+    };
+    let ring = telemetry.ring.clone();
     let (jobs, queue) = mpsc::channel::<Job>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), AgentError>>();
     let worker_socket = socket.clone();
@@ -94,7 +133,7 @@ pub fn run(options: Options) -> Result<(), AgentError> {
         .name("agent".to_owned())
         .spawn(move || {
             // The agent lives on this thread only.
-            let mut agent = match Agent::start(options) {
+            let mut agent = match Agent::start(options, telemetry) {
                 Ok(a) => {
                     let _ = ready_tx.send(Ok(()));
                     a
@@ -104,25 +143,33 @@ pub fn run(options: Options) -> Result<(), AgentError> {
                     return;
                 }
             };
-            for job in queue {
-                match job {
-                    Job::Request {
+            // Requests first; the datapath's events and counters between them, at least
+            // every EVENT_POLL.
+            let mut schedule = PollSchedule::now();
+            loop {
+                match queue.recv_timeout(schedule.wait()) {
+                    Ok(Job::Request {
                         request,
                         received,
                         reply,
-                    } => {
+                    }) => {
                         let response = agent.handle(request, received);
                         let _ = reply.send(response);
                     }
-                    Job::Shutdown(signal) => {
+                    Ok(Job::Shutdown(signal)) => {
                         let _ = fs::remove_file(&worker_socket);
                         log(&format!(
                             "{signal} received: stopping; the programs stay attached and the \
                              maps pinned, so policy is still enforced"
                         ));
+                        agent.poll_datapath(&mut PollSchedule::now());
+                        stop_flow_streams(&agent.telemetry().ring);
                         std::process::exit(0);
                     }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
+                agent.poll_datapath(&mut schedule);
             }
         })
         .map_err(|e| AgentError::Other(format!("starting the agent thread: {e}")))?;
@@ -166,10 +213,11 @@ pub fn run(options: Options) -> Result<(), AgentError> {
         }
         let jobs = jobs.clone();
         let counter = Arc::clone(&active);
+        let ring = Arc::clone(&ring);
         let spawned = std::thread::Builder::new()
             .name("conn".to_owned())
             .spawn(move || {
-                serve(stream, &jobs);
+                serve(stream, &jobs, &ring);
                 counter.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -180,8 +228,31 @@ pub fn run(options: Options) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Ends every flow stream (each sends its `end`) and waits a little for them to finish.
+fn stop_flow_streams(ring: &FlowRing) {
+    STOP.store(true, Ordering::SeqCst);
+    ring.close();
+    let deadline = Instant::now() + FLOW_STREAMS_GRACE;
+    while FLOW_STREAMS.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Answers a flows request from the buffer (following it if asked); false when the
+/// connection is done for.
+fn serve_flows(
+    stream: &UnixStream,
+    ring: &FlowRing,
+    request: &palisade_flow::FlowsRequest,
+) -> bool {
+    FLOW_STREAMS.fetch_add(1, Ordering::SeqCst);
+    let served = palisade_flow::serve_flows(ring, request, stream, &STOP);
+    FLOW_STREAMS.fetch_sub(1, Ordering::SeqCst);
+    served.is_ok()
+}
+
 /// Serves one connection: root peers only, then request → response until the peer closes.
-fn serve(mut stream: UnixStream, jobs: &mpsc::Sender<Job>) {
+fn serve(mut stream: UnixStream, jobs: &mpsc::Sender<Job>, ring: &FlowRing) {
     match getsockopt(&stream, PeerCredentials) {
         Ok(cred) if cred.uid() == 0 => {}
         Ok(cred) => {
@@ -225,6 +296,12 @@ fn serve(mut stream: UnixStream, jobs: &mpsc::Sender<Job>) {
                 return;
             }
         };
+        if let Request::Flows(flows) = &request {
+            if serve_flows(&stream, ring, flows) {
+                continue;
+            }
+            return;
+        }
         let received = Instant::now();
         let (reply, answer) = mpsc::channel();
         let sent = jobs.send(Job::Request {

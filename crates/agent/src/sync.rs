@@ -280,6 +280,17 @@ impl DatapathSync {
         self.written_endpoints.get(&id).map(|(_, v)| *v)
     }
 
+    /// The policy tables last written: how many, their LPM entries together, and the entries
+    /// of the largest.
+    pub fn table_sizes(&self) -> (usize, usize, usize) {
+        self.written_tables
+            .values()
+            .flatten()
+            .fold((0, 0, 0), |(n, total, max), rows| {
+                (n + 1, total + rows.len(), max.max(rows.len()))
+            })
+    }
+
     /// Brings the datapath in line with the engine for the pods attached on `node`.
     ///
     /// Order, so no change opens a gap: new ipcache entries first; then each endpoint's tables

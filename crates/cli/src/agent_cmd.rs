@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use palisade_agent::protocol::{DEFAULT_BPF_PIN_DIR, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use palisade_agent::telemetry::{RateLimit, DEFAULT_EVENTS_RATE_LIMIT, DEFAULT_FLOW_BUFFER};
 use palisade_agent::Options;
 
 #[derive(clap::Args)]
@@ -28,6 +29,22 @@ pub struct Args {
     /// Cluster name carried by every pod (io.cilium.k8s.policy.cluster).
     #[arg(long, default_value = "default")]
     pub cluster_name: String,
+    /// How many flows the agent keeps for `palisade observe` (the oldest go first).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FLOW_BUFFER as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub flow_buffer: u32,
+    /// Flow events per second each CPU's datapath may send (0: no limit); the events over it
+    /// are counted as lost (`palisade status`, palisade_flows_lost_total). Counters of every
+    /// packet are kept whatever the limit.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_EVENTS_RATE_LIMIT)]
+    pub events_rate_limit: u64,
+    /// Flow events each CPU may send at once after a quiet time (default: twice the rate).
+    #[arg(long, value_name = "N")]
+    pub events_burst: Option<u64>,
+    /// Serve Prometheus metrics on http://ADDR/metrics: HOST:PORT, [IPV6]:PORT, or :PORT for
+    /// every address (as Cilium's flag).
+    #[arg(long, value_name = "ADDR")]
+    pub prometheus_serve_addr: Option<String>,
 }
 
 fn hostname() -> String {
@@ -46,6 +63,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         policy_audit_mode: args.policy_audit_mode,
         node_name: args.node_name.unwrap_or_else(hostname),
         cluster_name: args.cluster_name,
+        flow_buffer: usize::try_from(args.flow_buffer).unwrap_or(usize::MAX),
+        events_rate_limit: RateLimit::new(args.events_rate_limit, args.events_burst),
+        prometheus_serve_addr: args.prometheus_serve_addr,
     };
     palisade_agent::server::run(options)?;
     Ok(ExitCode::SUCCESS)

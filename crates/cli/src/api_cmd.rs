@@ -541,6 +541,26 @@ fn print_status(s: &AgentStatus) {
             ),
         ));
     }
+    let f = &s.flows;
+    let limit = match f.rate_limit {
+        0 => "no event rate limit".to_owned(),
+        rate => format!("event rate limit {rate}/s per CPU, burst {}", f.rate_burst),
+    };
+    let lost = if f.lost_in_kernel > 0 {
+        style.yellow(&format!("{} lost in the kernel", f.lost_in_kernel))
+    } else {
+        "0 lost in the kernel".to_owned()
+    };
+    lines.push((
+        "Flows",
+        format!(
+            "{} received, {}/{} in the buffer, {} evicted, {lost} ({limit})",
+            f.received, f.len, f.capacity, f.evicted
+        ),
+    ));
+    if let Some(addr) = &f.metrics_addr {
+        lines.push(("Metrics", format!("http://{addr}/metrics")));
+    }
     for skipped in &s.startup.skipped_objects {
         lines.push(("Not loaded", style.red(skipped)));
     }

@@ -2,11 +2,14 @@
 //! network namespaces on this machine (root needed).
 
 use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal as _};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+use palisade_flow::{BootClock, EngineEnricher, Flow, Printer};
 
 use palisade_lab::state::{self, LabKind, LabState};
 use palisade_lab::{
@@ -58,6 +61,10 @@ pub struct RunArgs {
     /// Run without the eBPF datapath (every connection the network carries is allowed).
     #[arg(long)]
     pub no_enforce: bool,
+    /// After the report, the flows the datapath saw during the probes (as `palisade observe`
+    /// prints them): which rule let each connection in, why each drop happened.
+    #[arg(long, conflicts_with = "no_enforce")]
+    pub flows: bool,
 }
 
 #[derive(clap::Args)]
@@ -111,9 +118,13 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// The eBPF datapath for a lab (maps pinned under the lab's own bpffs directory), or none.
-fn make_enforcer(lab: &Lab, disabled: bool, audit_all: bool) -> anyhow::Result<Box<dyn Enforcer>> {
+fn make_enforcer(
+    lab: &Lab,
+    disabled: bool,
+    audit_all: bool,
+) -> anyhow::Result<Option<DatapathEnforcer>> {
     if disabled {
-        return Ok(Box::new(NoEnforcement));
+        return Ok(None);
     }
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/palisade-lab-{}", lab.id()));
     let audit = palisade_agent::sync::AuditConfig {
@@ -124,7 +135,62 @@ fn make_enforcer(lab: &Lab, disabled: bool, audit_all: bool) -> anyhow::Result<B
     let enforcer =
         DatapathEnforcer::open(&pin_dir, &node.name, &node.netns, &node.generated, audit)
             .map_err(|e| anyhow::anyhow!("loading the datapath: {e}"))?;
-    Ok(Box::new(enforcer))
+    Ok(Some(enforcer))
+}
+
+/// What the pods' kernels send on their own, not the probes: IPv6 duplicate address detection,
+/// router solicitations and multicast listener reports (from `::` or a link-local address, to
+/// a multicast group).
+fn housekeeping(f: &Flow) -> bool {
+    let src = f.ip.source;
+    let link_local = matches!(src, IpAddr::V6(a) if a.is_unicast_link_local());
+    src.is_unspecified() || link_local || f.ip.destination.is_multicast()
+}
+
+/// The datapath's flow events so far, decoded with the lab's engine (pods, identities, rules)
+/// for its node, oldest first, without the pods' own IPv6 housekeeping (returned as a count).
+fn lab_flows(
+    datapath: &mut DatapathEnforcer,
+    engine: &palisade_policy::Engine,
+    node: &str,
+    clock: &BootClock,
+) -> (Vec<Flow>, usize) {
+    let enricher = EngineEnricher::new(engine, node);
+    let (mut flows, other): (Vec<Flow>, Vec<Flow>) = datapath
+        .take_events()
+        .iter()
+        .map(|ev| palisade_flow::decode(ev, clock, &enricher))
+        .partition(|f| !housekeeping(f));
+    flows.sort_by_key(|f| f.time);
+    (flows, other.len())
+}
+
+/// `Flows:` and one compact line per flow, after a blank line.
+fn print_flows(flows: &[Flow], hidden: usize, lost: u64) -> anyhow::Result<()> {
+    let color = io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    println!();
+    println!("Flows:");
+    if flows.is_empty() {
+        println!("(none)");
+    }
+    let mut printer = Printer::new(
+        palisade_flow::Format::Compact,
+        color,
+        BufWriter::new(io::stdout()),
+    );
+    for f in flows {
+        printer.print(f)?;
+    }
+    printer.flush()?;
+    if hidden > 0 {
+        println!("({hidden} more: the pods' own IPv6 neighbour discovery and multicast reports)");
+    }
+    if lost > 0 {
+        warn(&format!(
+            "{lost} flow event(s) were lost: the datapath's ring buffer was full"
+        ));
+    }
+    Ok(())
 }
 
 const NOT_ENFORCED: &str = "policy is NOT enforced in the lab yet (no datapath plugged in): \
@@ -169,6 +235,10 @@ fn lab_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: the input holds no palisade.dev/v1alpha1 ConnectivityTest");
         return Ok(ExitCode::from(2));
     }
+    if args.flows && args.output != Format::Table {
+        eprintln!("error: --flows prints the flows after the report's table: use -o table");
+        return Ok(ExitCode::from(2));
+    }
     let spec = match lab_spec(&bundle, &loaded) {
         Ok(s) => s,
         Err(code) => return Ok(code),
@@ -187,18 +257,32 @@ fn lab_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         kind: LabKind::Run,
         files: file_names(&args.files),
     };
+    let clock = BootClock::capture().context("reading the clocks")?;
     let lab = Lab::create(&spec, &options).context("building the lab")?;
-    let mut enforcer = make_enforcer(&lab, args.no_enforce, args.policy_audit_mode)?;
+    let mut datapath = make_enforcer(&lab, args.no_enforce, args.policy_audit_mode)?;
+    let mut no_enforcement = NoEnforcement;
+    let enforcer: &mut dyn Enforcer = match datapath.as_mut() {
+        Some(dp) => dp,
+        None => &mut no_enforcement,
+    };
     if !enforcer.enforcing() {
         warn(NOT_ENFORCED);
     }
-    lab.attach(enforcer.as_mut(), &loaded.engine)?;
+    lab.attach(enforcer, &loaded.engine)?;
     let probe_options = ProbeOptions {
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         parallelism: args.parallel.max(1),
     };
     let results = probe::run(&lab, &probes, &probe_options);
-    drop(enforcer);
+    // The events go with the datapath: taken before it is closed.
+    let flows = match datapath.as_mut() {
+        Some(dp) if args.flows => Some((
+            lab_flows(dp, &loaded.engine, &lab.node().name, &clock),
+            dp.lost_events(),
+        )),
+        _ => None,
+    };
+    drop(datapath);
     if let Err(e) = lab.destroy() {
         warn(&format!("removing the lab: {e}"));
     }
@@ -210,6 +294,9 @@ fn lab_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .join(",");
     let report = Report::from_results(name, results);
     print_report(&report, args.output)?;
+    if let Some(((flows, hidden), lost)) = flows {
+        print_flows(&flows, hidden, lost)?;
+    }
     Ok(if report.summary.failed > 0 {
         ExitCode::from(1)
     } else {
@@ -242,13 +329,18 @@ fn lab_up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         files: file_names(&args.files),
     };
     let lab = Lab::create(&spec, &options).context("building the lab")?;
-    let mut enforcer = make_enforcer(&lab, args.no_enforce, false)?;
+    let mut datapath = make_enforcer(&lab, args.no_enforce, false)?;
+    let mut no_enforcement = NoEnforcement;
+    let enforcer: &mut dyn Enforcer = match datapath.as_mut() {
+        Some(dp) => dp,
+        None => &mut no_enforcement,
+    };
     if !enforcer.enforcing() {
         warn(NOT_ENFORCED);
     }
-    lab.attach(enforcer.as_mut(), &loaded.engine)?;
+    lab.attach(enforcer, &loaded.engine)?;
     // Programs and maps live as long as this process (the signal handler removes the lab).
-    std::mem::forget(enforcer);
+    std::mem::forget(datapath);
     print_summary(lab.state());
     if !args.detached {
         println!("Ctrl-C removes the lab.");

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, Context};
+use nix::sys::signal::{SigSet, Signal};
 use palisade_flow::time::parse_since;
 use palisade_flow::{
     stream_flows, FilterFlags, Flow, FlowsRequest, FlowsResponse, Format, Printer,
@@ -83,7 +84,33 @@ fn quiet_pipe(r: io::Result<()>) -> anyhow::Result<bool> {
     }
 }
 
+/// With --follow, Ctrl-C (SIGINT) or SIGTERM ends the command quietly with status 0: every
+/// flow received is already printed (following flushes after each), and closing the
+/// connection ends the agent's stream.
+fn exit_quietly_on_signals() -> anyhow::Result<()> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    // Blocked here, before any other thread exists, so only the waiting thread gets them.
+    signals
+        .thread_block()
+        .context("blocking SIGINT and SIGTERM")?;
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            if signals.wait().is_ok() {
+                let _ = io::stdout().flush();
+                std::process::exit(0);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if args.follow {
+        exit_quietly_on_signals()?;
+    }
     let filter = args.filter.build()?;
     let now = SystemTime::now();
     let mut request = FlowsRequest {

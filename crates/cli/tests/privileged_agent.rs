@@ -592,3 +592,493 @@ fn privileged_agent_rejects_a_bad_batch_whole() {
     assert_eq!(status["objects"]["pods"], 4);
     assert_eq!(status["objects"]["policies"], 0);
 }
+
+/// `palisade observe -o json` with `args`: one flow per line.
+fn observe(agent: &AgentProc, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["observe", "-o", "json"];
+    all.extend_from_slice(args);
+    agent
+        .ok(&all)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn pod(flow: &Value, side: &str) -> String {
+    format!(
+        "{}/{}",
+        flow[side]["namespace"].as_str().unwrap_or_default(),
+        flow[side]["pod_name"].as_str().unwrap_or_default()
+    )
+}
+
+fn ports(flow: &Value) -> Vec<u64> {
+    let l4 = &flow["l4"];
+    ["TCP", "UDP", "SCTP"]
+        .iter()
+        .flat_map(|p| {
+            [
+                l4[p]["source_port"].as_u64(),
+                l4[p]["destination_port"].as_u64(),
+            ]
+        })
+        .flatten()
+        .collect()
+}
+
+/// Polls `observe --last 200 -o json` until `want` holds (flows reach the buffer within the
+/// agent's event poll).
+fn wait_for_flows(agent: &AgentProc, what: &str, want: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let flows = observe(agent, &["--last", "200"]);
+        if want(&flows) {
+            return flows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} in the agent's flows:\n{}",
+            flows
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `GET /metrics` of the agent's Prometheus endpoint.
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    out.split_once("\r\n\r\n").expect("body").1.to_owned()
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), as written.
+fn raw_sample<'a>(metrics: &'a str, series: &str) -> &'a str {
+    metrics
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then_some(value)
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
+/// The value of the sample `series`.
+fn sample(metrics: &str, series: &str) -> f64 {
+    let raw = raw_sample(metrics, series);
+    raw.parse()
+        .unwrap_or_else(|e| panic!("{series} {raw}: {e}"))
+}
+
+/// Scrapes until `want` holds for `series` (the agent reads the datapath's counters every
+/// second).
+fn wait_for_sample(addr: &str, series: &str, want: impl Fn(f64) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(addr);
+        if want(sample(&text, series)) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} = {} for too long",
+            sample(&text, series)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sends `n` UDP datagrams from a pod to another's port 80.
+fn udp_burst(lab: &Lab, from: &str, to: &str, n: usize) {
+    let src = lab.pod("default", from).expect("from");
+    let dst = lab.pod("default", to).expect("to");
+    let addr = SocketAddr::new(dst.ip, 80);
+    palisade_lab::netns::run_in(&src.netns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+        for i in 0..n {
+            s.send_to(format!("datagram {i}").as_bytes(), addr)
+                .expect("send");
+        }
+    })
+    .expect("netns");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+const RULE1: &str = "CiliumNetworkPolicy default/rule1 ingress[0]";
+
+/// What every flow a filter selects must satisfy.
+type Check = fn(&Value) -> bool;
+
+fn is_xwing_drop(f: &Value) -> bool {
+    f["verdict"] == "DROPPED" && pod(f, "source") == "default/xwing"
+}
+
+#[test]
+fn privileged_agent_flows_observe_and_metrics() {
+    if !privileged() {
+        return;
+    }
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut agent = AgentProc::started(&["--prometheus-serve-addr", &metrics_addr]);
+    let lab = starwars_lab();
+    attach_all(&agent, &lab);
+    agent.apply(POLICY);
+    assert!(reachable(&lab, "tiefighter", "deathstar-1"));
+    assert!(!reachable(&lab, "xwing", "deathstar-1"));
+
+    // Both verdicts reach the flow buffer, decoded and named.
+    let t = Instant::now();
+    let is_allowed = |f: &Value| {
+        f["verdict"] == "FORWARDED"
+            && f["event_type"] == "policy-verdict"
+            && f["traffic_direction"] == "INGRESS"
+            && pod(f, "source") == "default/tiefighter"
+            && pod(f, "destination") == "default/deathstar-1"
+    };
+    let is_dropped = |f: &Value| {
+        f["verdict"] == "DROPPED"
+            && pod(f, "source") == "default/xwing"
+            && pod(f, "destination") == "default/deathstar-1"
+    };
+    let all = wait_for_flows(&agent, "allowed and dropped flow", |flows| {
+        flows.iter().any(is_allowed) && flows.iter().any(is_dropped)
+    });
+    eprintln!(
+        "flows in the agent's buffer {:?} after the probes",
+        t.elapsed()
+    );
+    let allowed = all.iter().find(|f| is_allowed(f)).expect("allowed");
+    assert_eq!(allowed["policy"], RULE1, "{allowed}");
+    assert_eq!(allowed["l4"]["TCP"]["destination_port"], 80, "{allowed}");
+    assert_eq!(allowed["l4"]["TCP"]["flags"]["SYN"], true, "{allowed}");
+    assert_eq!(allowed["node_name"], NODE, "{allowed}");
+    assert!(
+        allowed["destination"]["labels"]
+            .as_array()
+            .expect("labels")
+            .contains(&Value::from("k8s:class=deathstar")),
+        "{allowed}"
+    );
+    let dropped = all.iter().find(|f| is_dropped(f)).expect("dropped");
+    assert_eq!(dropped["event_type"], "drop", "{dropped}");
+    assert_eq!(dropped["drop_reason_desc"], "POLICY_DENIED", "{dropped}");
+    assert_eq!(dropped["traffic_direction"], "INGRESS", "{dropped}");
+    assert_eq!(dropped["l4"]["TCP"]["flags"]["SYN"], true, "{dropped}");
+    assert_eq!(dropped["l4"]["TCP"]["destination_port"], 80, "{dropped}");
+    assert!(dropped.get("policy").is_none(), "default deny: {dropped}");
+    // (The pods' own IPv6 chatter may add flows meanwhile.)
+    let last = observe(&agent, &["--last", "50"]).len();
+    assert!(last <= 50 && last >= all.len().min(50), "{last}");
+
+    // Filters, each on its own and together.
+    let cases: [(&[&str], Check); 8] = [
+        (&["--verdict", "DROPPED"], |f| f["verdict"] == "DROPPED"),
+        (&["--from-pod", "default/xwing"], |f| {
+            pod(f, "source") == "default/xwing"
+        }),
+        (&["--to-pod", "default/deathstar-1"], |f| {
+            pod(f, "destination") == "default/deathstar-1"
+        }),
+        (&["--protocol", "tcp"], |f| f["l4"].get("TCP").is_some()),
+        (&["--port", "80"], |f| ports(f).contains(&80)),
+        (&["-n", "default"], |f| {
+            f["source"]["namespace"] == "default" || f["destination"]["namespace"] == "default"
+        }),
+        (
+            &["--from-pod", "default/xwing", "--verdict", "DROPPED"],
+            |f| is_xwing_drop(f),
+        ),
+        (
+            &[
+                "--from-pod",
+                "tiefighter",
+                "--to-pod",
+                "default/deathstar",
+                "--protocol",
+                "tcp",
+                "--port",
+                "80",
+                "-n",
+                "default",
+                "--verdict",
+                "FORWARDED",
+            ],
+            |f| {
+                f["verdict"] == "FORWARDED"
+                    && pod(f, "source") == "default/tiefighter"
+                    && pod(f, "destination").starts_with("default/deathstar")
+            },
+        ),
+    ];
+    for (args, check) in cases {
+        let mut a = vec!["--last", "50"];
+        a.extend_from_slice(args);
+        let got = observe(&agent, &a);
+        assert!(!got.is_empty(), "{args:?} selects the flows above");
+        for f in &got {
+            assert!(check(f), "{args:?} let through {f}");
+        }
+        let expected = all.iter().filter(|f| check(f)).count().min(50);
+        assert!(
+            got.len() >= expected,
+            "{args:?}: {} < {expected}",
+            got.len()
+        );
+    }
+    assert!(
+        observe(&agent, &["--to-pod", "default/deathstar-2"]).is_empty(),
+        "nothing went to deathstar-2"
+    );
+    // Compact output names the rule, as hubble does.
+    let compact = agent.ok(&[
+        "observe",
+        "--from-pod",
+        "default/tiefighter",
+        "--to-pod",
+        "default/deathstar-1",
+    ]);
+    assert!(
+        compact.lines().any(|l| l.contains("default/tiefighter:")
+            && l.contains("-> default/deathstar-1:80 (ID:")
+            && l.contains("policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)")
+            && l.ends_with(&format!("by {RULE1}"))),
+        "{compact}"
+    );
+    let compact = agent.ok(&[
+        "observe",
+        "--from-pod",
+        "default/xwing",
+        "--verdict",
+        "DROPPED",
+    ]);
+    assert!(
+        compact
+            .lines()
+            .any(|l| l.contains("Policy denied INGRESS DROPPED (TCP Flags: SYN)")),
+        "{compact}"
+    );
+
+    // Following: a new flow arrives within a couple of seconds; Ctrl-C ends it quietly.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args([
+            "observe",
+            "--follow",
+            "-o",
+            "json",
+            "--from-pod",
+            "default/xwing",
+        ])
+        .args(["--protocol", "udp", "--verdict", "DROPPED", "--socket"])
+        .arg(&agent.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("observe --follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in io::BufRead::lines(io::BufReader::new(stdout)).map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Until the stream is up, a datagram may come before it: send until one is seen.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let line = loop {
+        udp_burst(&lab, "xwing", "deathstar-1", 1);
+        let sent = Instant::now();
+        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+            eprintln!(
+                "observe --follow: a new flow printed {:?} after its packet",
+                sent.elapsed()
+            );
+            break line;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "no flow followed in 3 s"
+        );
+    };
+    let f: Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(pod(&f, "source"), "default/xwing", "{f}");
+    assert_eq!(f["verdict"], "DROPPED", "{f}");
+    assert!(f["l4"].get("UDP").is_some(), "{f}");
+    let pid = Pid::from_raw(i32::try_from(follow.id()).expect("pid"));
+    kill(pid, Signal::SIGINT).expect("SIGINT");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = follow.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "observe --follow ignored SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    follow
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.is_empty(), "{err}");
+    eprintln!("observe --follow stopped {:?} after SIGINT", t.elapsed());
+    // A following stream with --until ends by itself.
+    let until =
+        palisade_flow::time::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(2));
+    let t = Instant::now();
+    let out = agent.cli(&[
+        "observe",
+        "--follow",
+        "--until",
+        &until,
+        "--verdict",
+        "AUDIT",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "--until ends the stream: {:?}",
+        t.elapsed()
+    );
+
+    // Status counts the flows.
+    let status = agent.status();
+    let flows = &status["flows"];
+    assert!(
+        flows["received"].as_u64().expect("received") >= 5,
+        "{flows}"
+    );
+    assert_eq!(flows["capacity"], 4095, "{flows}");
+    assert_eq!(flows["evicted"], 0, "{flows}");
+    assert_eq!(flows["lostInKernel"], 0, "{flows}");
+    assert_eq!(flows["rateLimit"], 10_000, "{flows}");
+    assert_eq!(flows["rateBurst"], 20_000, "{flows}");
+    assert_eq!(flows["metricsAddr"], metrics_addr.as_str(), "{flows}");
+    let table = agent.ok(&["status"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("Flows:") && l.contains("0 lost in the kernel")),
+        "{table}"
+    );
+
+    // Prometheus: the kernel's drop counters and the verdicts of the flows.
+    let denied = r#"palisade_drops_total{reason="POLICY_DENIED",direction="INGRESS"}"#;
+    let text = wait_for_sample(&metrics_addr, denied, |v| v > 0.0);
+    let verdicts = |v: &str| {
+        sample(
+            &text,
+            &format!(r#"palisade_policy_verdicts_total{{direction="INGRESS",verdict="{v}"}}"#),
+        )
+    };
+    assert!(verdicts("FORWARDED") > 0.0, "{text}");
+    assert!(verdicts("DROPPED") > 0.0, "{text}");
+    assert_eq!(
+        raw_sample(&text, "palisade_policy_revision"),
+        status["revision"].to_string()
+    );
+    assert_eq!(raw_sample(&text, "palisade_endpoints"), "4");
+    assert_eq!(
+        raw_sample(&text, "palisade_policy_tables"),
+        "2",
+        "the deathstars' ingress"
+    );
+    assert!(sample(&text, "palisade_policy_apply_to_enforced_seconds_count") >= 6.0);
+    assert!(
+        sample(
+            &text,
+            r#"palisade_forwarded_packets_total{direction="INGRESS"}"#
+        ) > 0.0
+    );
+
+    // An event storm over the rate limit: the kernel counts every drop, sends what the limit
+    // lets through, and counts the rest as lost.
+    // A stopping agent ends the streams it serves: the follower gets its `end` and exits 0.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["observe", "--follow", "--socket"])
+        .arg(&agent.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("observe --follow");
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = follower.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the follower outlived the agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    follower
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(status.success() && err.is_empty(), "{status}: {err}");
+    eprintln!(
+        "the follower had ended {:?} after the agent exited on SIGTERM",
+        t.elapsed()
+    );
+    agent.start(&[
+        "--events-rate-limit",
+        "10",
+        "--prometheus-serve-addr",
+        &metrics_addr,
+    ]);
+    let before = agent.status()["flows"]["lostInKernel"]
+        .as_u64()
+        .expect("lost");
+    let dropped_before = sample(&scrape(&metrics_addr), denied);
+    udp_burst(&lab, "xwing", "deathstar-1", 200);
+    let lost = agent.status()["flows"]["lostInKernel"]
+        .as_u64()
+        .expect("lost");
+    assert!(
+        lost >= before + 100,
+        "200 drops at 10 events/s (burst 20 per CPU): lost {before} -> {lost}"
+    );
+    let text = wait_for_sample(&metrics_addr, denied, |v| v >= dropped_before + 200.0);
+    assert!(
+        sample(&text, "palisade_flows_lost_total") >= 100.0,
+        "{text}"
+    );
+    let received = agent.status()["flows"]["received"]
+        .as_u64()
+        .expect("received");
+    assert!(
+        received < 100,
+        "the limit let at most a burst through: {received} flows"
+    );
+    eprintln!("storm: lost {before} -> {lost}, {received} flows received");
+}

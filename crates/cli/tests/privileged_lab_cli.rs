@@ -123,6 +123,87 @@ fn privileged_lab_run_reports_like_simulate() {
 }
 
 #[test]
+fn privileged_lab_run_flows_after_the_report() {
+    if !privileged() {
+        return;
+    }
+    let started = Instant::now();
+    let out = palisade(&[
+        "lab",
+        "run",
+        "--flows",
+        "-f",
+        "examples/starwars/cluster.yaml",
+        "-f",
+        "examples/starwars/2-l3-l4",
+    ]);
+    eprintln!("lab run --flows (star wars 2): {:?}", started.elapsed());
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let (report, flows) = stdout
+        .split_once("\n\nFlows:\n")
+        .unwrap_or_else(|| panic!("a blank line and `Flows:` after the report:\n{stdout}"));
+    assert!(report.contains("8 passed, 0 failed"), "{report}");
+    let lines: Vec<&str> = flows.lines().collect();
+    let has = |from: &str, to: &str, what: &str| {
+        lines
+            .iter()
+            .any(|l| l.contains(from) && l.contains(to) && l.contains(what))
+    };
+    assert!(
+        has(
+            "default/tiefighter:",
+            "-> default/deathstar-1:80 ",
+            "policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN) by CiliumNetworkPolicy \
+             default/rule1 ingress[0]"
+        ),
+        "{flows}"
+    );
+    assert!(
+        has(
+            "default/xwing:",
+            "-> default/deathstar-1:80 ",
+            "Policy denied INGRESS DROPPED (TCP Flags: SYN)"
+        ),
+        "{flows}"
+    );
+    assert!(
+        has(
+            "default/tiefighter:",
+            "-> default/deathstar-1:80 ",
+            "Policy denied INGRESS DROPPED (UDP)"
+        ),
+        "{flows}"
+    );
+    // Flows come from the probes: the pods' own IPv6 chatter is only counted.
+    assert!(
+        lines
+            .iter()
+            .filter(|l| !l.starts_with('('))
+            .all(|l| l.contains(": default/")),
+        "{flows}"
+    );
+    // JSON reports stay JSON.
+    let out = palisade(&[
+        "lab",
+        "run",
+        "--flows",
+        "-o",
+        "json",
+        "-f",
+        "examples/starwars/cluster.yaml",
+        "-f",
+        "examples/starwars/2-l3-l4",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("-o table"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn privileged_lab_run_without_enforcement_fails_drop_expectations() {
     if !privileged() {
         return;

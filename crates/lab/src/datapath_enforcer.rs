@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use palisade_agent::sync::{Attachment, AuditConfig, DatapathSync};
+use palisade_datapath::abi::FlowEvent;
 use palisade_datapath::Datapath;
 use palisade_identity::reserved;
 use palisade_policy::Engine;
@@ -63,6 +64,23 @@ impl DatapathEnforcer {
 
     pub fn datapath(&mut self) -> Option<&mut Datapath> {
         self.dp.as_mut()
+    }
+
+    /// Every flow event the datapath sent that was not taken yet (none once closed); the
+    /// datapath of a lab sends them without a rate limit.
+    pub fn take_events(&mut self) -> Vec<FlowEvent> {
+        self.dp
+            .as_mut()
+            .map(Datapath::take_events)
+            .unwrap_or_default()
+    }
+
+    /// Flow events the kernel could not send (its ring buffer was full), 0 once closed.
+    pub fn lost_events(&self) -> u64 {
+        self.dp
+            .as_ref()
+            .and_then(|dp| dp.metrics().ok())
+            .map_or(0, |m| m.lost_events)
     }
 
     /// Detaches every program and removes the pinned maps and links.
