@@ -20,14 +20,16 @@ static __always_inline int same_addr(const __u8 *a, const __u8 *b, __u8 family)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-/* Neighbour discovery (router/neighbour solicitation and advertisement, redirect) keeps IPv6
- * working and is never subject to policy, as in Cilium. */
+/* IPv6 link control: neighbour discovery (router/neighbour solicitation and advertisement,
+ * redirect, types 133-137) and multicast listener discovery (MLD query/report/done 130-132,
+ * MLDv2 report 143). It keeps IPv6 working, is sent from link-local or unspecified addresses
+ * before a pod's address is up, and is never subject to policy, as in Cilium. */
 static __always_inline int is_ndp(const struct flow *f)
 {
 	if (f->family != PAL_FAMILY_IPV6 || f->protocol != IPPROTO_ICMPV6)
 		return 0;
 	__u8 type = bpf_ntohs(f->dport);
-	return type >= 133 && type <= 137;
+	return (type >= 130 && type <= 137) || type == 143;
 }
 
 /* The unspecified address ::, the source of duplicate address detection's neighbour
