@@ -90,6 +90,9 @@ pub struct DatapathSync {
     endpoint_ids: HashMap<(String, String), u32>,
     next_endpoint_id: u32,
     written_tables: HashMap<(u32, DpDirection), LpmRows>,
+    /// The engine table version last loaded for (endpoint, direction), with the enforcement
+    /// flags it implied: an unchanged table is not converted again.
+    table_seen: HashMap<(u32, DpDirection), (u64, u32)>,
     /// Endpoint id → (ifindex, record).
     written_endpoints: HashMap<u32, (u32, EndpointValue)>,
     written_ipcache: BTreeMap<IpNet, (u32, u32)>,
@@ -331,8 +334,8 @@ impl DatapathSync {
                 }
             };
             live.insert(endpoint_id);
-            let pod = engine
-                .pod(&a.namespace, &a.name)
+            let (pod_ip, _, _) = engine
+                .pod_location(&a.namespace, &a.name)
                 .ok_or_else(|| SyncError::UnknownPod(format!("{}/{}", a.namespace, a.name)))?;
             let identity = engine
                 .pod_identity(&a.namespace, &a.name)
@@ -343,25 +346,37 @@ impl DatapathSync {
                 let table = engine
                     .pod_table(&a.namespace, &a.name, dir)
                     .unwrap_or_default();
+                let seen_key = (endpoint_id, dp_direction(dir));
+                if let Some((version, bits)) = self.table_seen.get(&seen_key) {
+                    if *version == table.version
+                        && table.version != 0
+                        && self.written_tables.contains_key(&seen_key)
+                    {
+                        flags |= bits;
+                        continue;
+                    }
+                }
                 let rows = table_entries(&table);
+                let mut bits = 0;
                 if !rows.is_empty() || table.enforcing {
-                    flags |= match dir {
+                    bits |= match dir {
                         Direction::Ingress => PAL_EP_F_ENFORCE_INGRESS,
                         Direction::Egress => PAL_EP_F_ENFORCE_EGRESS,
                     };
                 }
                 if table.enforcing && table.default_deny_audited {
-                    flags |= match dir {
+                    bits |= match dir {
                         Direction::Ingress => PAL_EP_F_AUDIT_DEFAULT_INGRESS,
                         Direction::Egress => PAL_EP_F_AUDIT_DEFAULT_EGRESS,
                     };
                 }
-                tables.push((dp_direction(dir), rows));
+                flags |= bits;
+                tables.push((dp_direction(dir), rows, table.version, bits));
             }
             if audit.global || audit.endpoints.contains(&key) {
                 flags |= PAL_EP_F_AUDIT;
             }
-            let (v4, v6) = match pod.ip {
+            let (v4, v6) = match pod_ip {
                 IpAddr::V4(a) => (Some(a), None),
                 IpAddr::V6(a) => (None, Some(a)),
             };
@@ -374,10 +389,11 @@ impl DatapathSync {
             if turning_off {
                 self.write_endpoint(dp, a.ifindex, value, &mut stats)?;
             }
-            for (dir, rows) in tables {
+            for (dir, rows, version, bits) in tables {
                 let key = (endpoint_id, dir);
                 let lpm = desired_lpm(&rows);
                 if self.written_tables.get(&key) == Some(&lpm) {
+                    self.table_seen.insert(key, (version, bits));
                     continue;
                 }
                 if lpm.is_none() {
@@ -387,6 +403,7 @@ impl DatapathSync {
                 }
                 stats.tables_written += 1;
                 self.written_tables.insert(key, lpm);
+                self.table_seen.insert(key, (version, bits));
             }
             if self.written_endpoints.get(&endpoint_id) != Some(&(a.ifindex, value)) {
                 self.write_endpoint(dp, a.ifindex, value, &mut stats)?;
@@ -417,6 +434,7 @@ impl DatapathSync {
                 stats.endpoints_removed += 1;
             }
             for dir in [DpDirection::Ingress, DpDirection::Egress] {
+                self.table_seen.remove(&(id, dir));
                 if let Some(table) = self.written_tables.remove(&(id, dir)) {
                     if table.is_some() {
                         dp.remove_table(id, dir)?;

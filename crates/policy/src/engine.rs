@@ -297,6 +297,8 @@ pub struct Engine {
     rebuild_on_change: HashSet<TableKey>,
     /// Selector match changes to apply to tables at the next commit.
     patches: Vec<(TableKey, SelId, Identity, bool)>,
+    /// Source of [`Table::version`].
+    next_table_version: u64,
     /// Identities by the namespace label they carry (pods only).
     identities_by_namespace: HashMap<String, HashSet<Identity>>,
     /// Pod tables by (identity, direction).
@@ -341,6 +343,7 @@ impl Engine {
             named_egress: HashSet::new(),
             rebuild_on_change: HashSet::new(),
             patches: Vec::new(),
+            next_table_version: 1,
             identities_by_namespace: HashMap::new(),
             tables_by_identity: HashMap::new(),
             revision: 0,
@@ -1226,6 +1229,8 @@ impl Engine {
         uses.dedup();
         uses.shrink_to_fit();
         let new_deps: Vec<SelId> = selectors_of(&uses);
+        table.version = self.next_table_version;
+        self.next_table_version += 1;
         let old = self.tables.get_mut(key).map(|t| {
             let old_uses = std::mem::replace(&mut t.uses, uses);
             let old_owned = std::mem::replace(&mut t.owned, owned);
@@ -1292,6 +1297,8 @@ impl Engine {
                 table.remove_contributions(identity, *rid, *pi);
             }
         }
+        table.version = self.next_table_version;
+        self.next_table_version += 1;
     }
 
     /// Port ranges of a port spec for one table. A named port resolves, in an ingress table,

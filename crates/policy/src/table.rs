@@ -64,6 +64,9 @@ impl Entry {
 /// The resolved policy of one endpoint in one direction.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
+    /// Changes whenever the engine rebuilds or patches this table (never 0 once built), so a
+    /// consumer can skip tables it has already loaded.
+    pub version: u64,
     /// True once any policy puts the direction into default-deny.
     pub enforcing: bool,
     /// The rules (default-deny markers) that made it so.
