@@ -322,6 +322,8 @@ impl DatapathSync {
         }
 
         let mut live: HashSet<u32> = HashSet::new();
+        let mut pending_tables = Vec::new();
+        let mut pending_endpoints = Vec::new();
         for a in attachments {
             let key = (a.namespace.clone(), a.name.clone());
             let endpoint_id = match self.endpoint_ids.get(&key) {
@@ -396,18 +398,42 @@ impl DatapathSync {
                     self.table_seen.insert(key, (version, bits));
                     continue;
                 }
-                if lpm.is_none() {
-                    dp.remove_table(endpoint_id, dir)?;
-                } else {
-                    stats.table_entries += dp.write_table(endpoint_id, dir, &rows)?;
-                }
-                stats.tables_written += 1;
-                self.written_tables.insert(key, lpm);
-                self.table_seen.insert(key, (version, bits));
+                pending_tables.push((key, rows, lpm, version, bits));
             }
             if self.written_endpoints.get(&endpoint_id) != Some(&(a.ifindex, value)) {
-                self.write_endpoint(dp, a.ifindex, value, &mut stats)?;
+                pending_endpoints.push((a.ifindex, value));
             }
+        }
+
+        // Every changed table at once (the kernel's per-swap waits overlap), then the endpoint
+        // records that may turn enforcement on.
+        let batch: Vec<(u32, DpDirection, &[TableEntry])> = pending_tables
+            .iter()
+            .map(|((id, dir), rows, lpm, _, _)| {
+                let rows: &[TableEntry] = if lpm.is_none() { &[] } else { rows };
+                (*id, *dir, rows)
+            })
+            .collect();
+        let results = dp.write_tables(&batch);
+        let mut first_error = None;
+        for ((key, _, lpm, version, bits), result) in pending_tables.into_iter().zip(results) {
+            match result {
+                Ok(n) => {
+                    stats.table_entries += n;
+                    stats.tables_written += 1;
+                    self.written_tables.insert(key, lpm);
+                    self.table_seen.insert(key, (version, bits));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
+        }
+        for (ifindex, value) in pending_endpoints {
+            self.write_endpoint(dp, ifindex, value, &mut stats)?;
         }
 
         for ifindex in std::mem::take(&mut self.stray_endpoints) {

@@ -138,6 +138,9 @@ pub fn endpoint_value(
 
 type PolicyTable = LpmTrie<MapData, PolicyKeyData, PolicyValue>;
 
+/// At most this many table swaps (threads) in flight at once in [`Datapath::write_tables`].
+const CONCURRENT_SWAPS: usize = 64;
+
 /// The loaded datapath: both programs and every pinned map.
 ///
 /// Maps and TCX links are pinned under the pin directory (`<pin_dir>/<map>`,
@@ -646,6 +649,126 @@ impl Datapath {
                 })
             }
         }
+    }
+
+    /// Writes (or, for an empty row list, removes) several tables at once. Every table is built
+    /// first; the swaps then run concurrently on separate handles of the pinned outer map,
+    /// because each swap waits in the kernel for an RCU grace period (so that no running
+    /// program still reads the old table) and those waits overlap. Each table still changes
+    /// atomically; failures fail their endpoint closed as [`Self::write_table`] does.
+    pub fn write_tables(
+        &mut self,
+        batch: &[(u32, Direction, &[TableEntry])],
+    ) -> Vec<Result<usize, Error>> {
+        type Built = Result<Option<(PolicyTable, usize)>, MapError>;
+        let built: Vec<Built> = batch
+            .iter()
+            .map(|(_, _, entries)| {
+                if entries.is_empty() {
+                    return Ok(None);
+                }
+                let lpm = lpm_entries(entries);
+                let table = Self::build_table(&lpm)?;
+                Ok(Some((table, lpm.len())))
+            })
+            .collect();
+        let path = self.pin_dir.join(MAP_POLICY);
+        let mut swapped: Vec<Result<(), MapError>> = Vec::with_capacity(batch.len());
+        for (chunk, built_chunk) in batch
+            .chunks(CONCURRENT_SWAPS)
+            .zip(built.chunks(CONCURRENT_SWAPS))
+        {
+            swapped.extend(std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .zip(built_chunk)
+                    .map(|((endpoint_id, direction, _), b)| {
+                        let path = &path;
+                        let key = PolicyOuterKey {
+                            endpoint_id: *endpoint_id,
+                            direction: direction.abi(),
+                        };
+                        scope.spawn(move || -> Result<(), MapError> {
+                            let table = match b {
+                                Ok(t) => t,
+                                Err(e) => {
+                                    return Err(MapError::IoError(io::Error::other(e.to_string())))
+                                }
+                            };
+                            let data = MapData::from_pin(path)?;
+                            let mut outer: HashOfMaps<MapData, PolicyOuterKey, PolicyTable> =
+                                HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?;
+                            match table {
+                                Some((t, _)) => outer.insert(key, t, 0),
+                                None => match outer.remove(&key) {
+                                    Err(e) if is_not_found(&e) => Ok(()),
+                                    other => other,
+                                },
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(MapError::IoError(io::Error::other(
+                                "table swap thread panicked",
+                            )))
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for (((endpoint_id, direction, _), b), result) in batch.iter().zip(&built).zip(swapped) {
+            let entries = match b {
+                Ok(Some((_, n))) => *n,
+                _ => 0,
+            };
+            out.push(match result {
+                Ok(()) => {
+                    let was_failed = self.failed.remove(&(*endpoint_id, *direction));
+                    if was_failed && !self.failed.iter().any(|(id, _)| id == endpoint_id) {
+                        if let Err(e) =
+                            self.set_endpoint_flag(*endpoint_id, PAL_EP_F_FAIL_CLOSED, false)
+                        {
+                            out.push(Err(e));
+                            continue;
+                        }
+                    }
+                    Ok(entries)
+                }
+                Err(source) => {
+                    self.failed.insert((*endpoint_id, *direction));
+                    let _ = self.set_endpoint_flag(*endpoint_id, PAL_EP_F_FAIL_CLOSED, true);
+                    Err(Error::Table {
+                        endpoint_id: *endpoint_id,
+                        direction: *direction,
+                        entries,
+                        source: Box::new(source),
+                    })
+                }
+            });
+        }
+        out
+    }
+
+    fn build_table(
+        lpm: &[(palisade_abi::PolicyKey, PolicyValue)],
+    ) -> Result<PolicyTable, MapError> {
+        let size = u32::try_from(lpm.len().max(1)).map_err(|_| {
+            MapError::IoError(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "table too large",
+            ))
+        })?;
+        let mut table = PolicyTable::create(size, BPF_F_NO_PREALLOC)?;
+        for (k, v) in lpm {
+            let (len, data) = k.split();
+            table.insert(&Key::new(len, data), *v, 0)?;
+        }
+        Ok(table)
     }
 
     fn swap_table(
