@@ -126,7 +126,7 @@ fn make_enforcer(
     if disabled {
         return Ok(None);
     }
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/palisade-lab-{}", lab.id()));
+    let pin_dir = palisade_lab::netns::bpf_pin_dir(lab.id());
     let audit = palisade_agent::sync::AuditConfig {
         global: audit_all,
         ..Default::default()
@@ -654,6 +654,12 @@ fn lab_down(args: &DownArgs) -> ExitCode {
                 failed = true;
                 eprintln!("error: leftover namespaces: {e}");
             }
+        }
+    }
+    if sweep {
+        for id in palisade_lab::netns::orphan_bpf_pins(&dir) {
+            palisade_lab::netns::remove_bpf_pins(&id);
+            println!("removed leftover datapath pins of lab {id}");
         }
     }
     if targets.is_empty() && orphans.is_empty() && refusal.is_none() {

@@ -47,16 +47,22 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// What a lab left behind: its namespaces, and its pinned datapath (maps outlive processes).
 fn leftovers(id: &str) -> Vec<String> {
     let prefix = format!("pal-{id}-");
-    std::fs::read_dir("/run/netns")
+    let mut left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
             d.filter_map(Result::ok)
                 .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| n.starts_with(&prefix))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let pins = format!("/sys/fs/bpf/palisade-lab-{id}");
+    if Path::new(&pins).exists() {
+        left.push(pins);
+    }
+    left
 }
 
 /// The id in a "lab ID is up: …" line.
@@ -274,7 +280,7 @@ fn privileged_lab_up_exec_down() {
     let stdout = text(&up.stdout);
     let id = lab_id(&stdout);
     assert!(stdout.contains("default/xwing"), "{stdout}");
-    assert_eq!(leftovers(&id).len(), 5, "node + 4 pods");
+    assert_eq!(leftovers(&id).len(), 6, "node + 4 pods + the datapath pins");
 
     let addr = palisade(&[
         "lab",
@@ -383,7 +389,7 @@ fn privileged_ctrl_c_removes_the_lab() {
         return;
     }
     let (mut child, id) = foreground_lab();
-    assert_eq!(leftovers(&id).len(), 5);
+    assert_eq!(leftovers(&id).len(), 6, "node + 4 pods + the datapath pins");
     kill(pid(&child), Signal::SIGINT).expect("SIGINT");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130));
@@ -400,7 +406,7 @@ fn privileged_lab_down_removes_a_killed_lab() {
     // SIGKILL: no handler runs, everything stays behind.
     kill(pid(&child), Signal::SIGKILL).expect("SIGKILL");
     let _ = child.wait();
-    assert_eq!(leftovers(&id).len(), 5);
+    assert_eq!(leftovers(&id).len(), 6, "node + 4 pods + the datapath pins");
     let list = palisade(&["lab", "list"]);
     assert!(
         text(&list.stdout).contains("stale"),

@@ -135,12 +135,40 @@ pub(crate) fn create(lab: &str, name: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-/// Deletes every namespace `lab` created, and its state file.
+/// Where a lab's datapath pins its maps and links (removed with the lab).
+pub fn bpf_pin_dir(lab: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/sys/fs/bpf/palisade-lab-{lab}"))
+}
+
+/// Removes a lab's pinned datapath objects, if any (pinned maps outlive every process).
+pub fn remove_bpf_pins(lab: &str) {
+    let _ = std::fs::remove_dir_all(bpf_pin_dir(lab));
+}
+
+/// Pin directories of labs that have no state file any more (left by a killed process).
+pub fn orphan_bpf_pins(state_dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.strip_prefix("palisade-lab-").map(str::to_owned))
+        .filter(|id| {
+            id.len() == 8
+                && id.bytes().all(|b| b.is_ascii_hexdigit())
+                && !crate::state::state_file(state_dir, id).exists()
+        })
+        .collect()
+}
+
+/// Deletes every namespace `lab` created, its state file and its pinned datapath objects.
 pub(crate) fn remove_lab(lab: &str) -> Result<(), LabError> {
     let mut reg = registry();
     let Some(created) = reg.remove(lab) else {
         return Ok(());
     };
+    remove_bpf_pins(lab);
     remove_created(&created)
 }
 
@@ -178,6 +206,7 @@ pub fn install_signal_cleanup() -> Result<(), LabError> {
                 let mut reg = registry();
                 let labs = std::mem::take(&mut *reg);
                 for (id, created) in &labs {
+                    remove_bpf_pins(id);
                     if let Err(e) = remove_created(created) {
                         eprintln!("palisade lab {id}: cleanup: {e}");
                     }
@@ -197,7 +226,8 @@ pub fn install_signal_cleanup() -> Result<(), LabError> {
 pub fn cleanup_all() {
     let mut reg = registry();
     let labs = std::mem::take(&mut *reg);
-    for created in labs.values() {
+    for (id, created) in &labs {
+        remove_bpf_pins(id);
         let _ = remove_created(created);
     }
 }

@@ -171,6 +171,7 @@ pub fn remove(dir: &Path, state: &LabState, grace: Duration) -> Result<(), LabEr
         }
     }
     let result = netns::delete_all(&state.own_netns());
+    netns::remove_bpf_pins(&state.id);
     let _ = std::fs::remove_file(state_file(dir, &state.id));
     let _ = std::fs::remove_file(log_file(dir, &state.id));
     result
