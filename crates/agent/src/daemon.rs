@@ -1050,10 +1050,8 @@ impl Agent {
             },
             ResourceKind::Identities => {
                 let mut pods: HashMap<Identity, usize> = HashMap::new();
-                for p in self.engine.pods() {
-                    if let Some(id) = self.engine.pod_identity(&p.namespace, &p.name) {
-                        *pods.entry(id).or_default() += 1;
-                    }
+                for id in self.engine.pod_addresses().filter_map(|(_, _, id)| id) {
+                    *pods.entry(id).or_default() += 1;
                 }
                 let mut endpoints: HashMap<Identity, usize> = HashMap::new();
                 for key in self.endpoints.keys() {

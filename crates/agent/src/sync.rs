@@ -184,17 +184,17 @@ pub fn desired_ipcache(engine: &Engine, node: &str) -> BTreeMap<IpNet, (u32, u32
             out.insert(IpNet::from(*ip), (id, 0));
         }
     }
-    for p in engine.pods() {
-        let id = match engine.ip_owner(p.ip) {
-            Some(IpOwner::Pod(..)) | None => engine.identity_of_ip(p.ip, node),
+    for (ip, host_network, _) in engine.pod_addresses() {
+        let id = match engine.ip_owner(ip) {
+            Some(IpOwner::Pod(..)) | None => engine.identity_of_ip(ip, node),
             Some(IpOwner::Node(_)) => continue,
         };
-        let flags = if p.host_network {
+        let flags = if host_network {
             0
         } else {
             PAL_IPCACHE_F_ENDPOINT
         };
-        out.insert(IpNet::from(p.ip), (id, flags));
+        out.insert(IpNet::from(ip), (id, flags));
     }
     out
 }

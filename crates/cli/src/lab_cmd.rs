@@ -286,13 +286,7 @@ fn lab_run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = lab.destroy() {
         warn(&format!("removing the lab: {e}"));
     }
-    let name = loaded
-        .tests
-        .iter()
-        .filter_map(|(_, t)| t.metadata.name.clone())
-        .collect::<Vec<_>>()
-        .join(",");
-    let report = Report::from_results(name, results);
+    let report = Report::for_tests(&loaded.tests, results);
     print_report(&report, args.output)?;
     if let Some(((flows, hidden), lost)) = flows {
         print_flows(&flows, hidden, lost)?;

@@ -75,13 +75,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     for (t, p) in &planned {
         results.extend(simulate::run(&loaded.engine, t, p));
     }
-    let name = loaded
-        .tests
-        .iter()
-        .filter_map(|(_, t)| t.metadata.name.clone())
-        .collect::<Vec<_>>()
-        .join(",");
-    let report = Report::from_results(name, results);
+    let report = Report::for_tests(&loaded.tests, results);
     print_report(&report, args.output)?;
     Ok(if report.summary.failed > 0 {
         ExitCode::from(1)

@@ -1406,6 +1406,14 @@ impl Engine {
         Some((st.ip, &st.node, st.host_network))
     }
 
+    /// Every pod's address, host-network flag and identity (none for host-network pods),
+    /// without rebuilding labels: what the datapath's ipcache and identity counts need.
+    pub fn pod_addresses(&self) -> impl Iterator<Item = (IpAddr, bool, Option<Identity>)> + '_ {
+        self.pods
+            .values()
+            .flat_map(|m| m.values().map(|st| (st.ip, st.host_network, st.identity)))
+    }
+
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.nodes.get(name)
     }

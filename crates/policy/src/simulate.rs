@@ -62,6 +62,16 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report named after the ConnectivityTests it ran (their names, comma-separated).
+    pub fn for_tests(tests: &[(&Manifest, &ConnectivityTest)], results: Vec<ProbeResult>) -> Self {
+        let name = tests
+            .iter()
+            .filter_map(|(_, t)| t.metadata.name.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        Self::from_results(name, results)
+    }
+
     pub fn from_results(name: String, results: Vec<ProbeResult>) -> Self {
         let mut summary = Summary::default();
         for r in &results {
